@@ -1,0 +1,7 @@
+"""slmops: operate small language models on fleets of edge devices."""
+
+from __future__ import annotations
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,91 @@
+"""The `slmops` command line: thin Typer commands over the library, Rich output, `--json` for machines."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+import typer
+
+from slmops import __version__
+from slmops.errors import SLMOpsError
+
+__all__ = ["app", "main", "run"]
+
+app = typer.Typer(
+    name="slmops",
+    help=(
+        "Operate small language models on fleets of edge devices: optimize, register, release, run, watch.\n\n"
+        "State lives in SLMOPS_HOME (default ~/.slmops).\n\n"
+        "Example: slmops model pull gemma3-270m && slmops model list"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"slmops {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_version, is_eager=True
+    ),
+) -> None:
+    """slmops command line."""
+
+
+def _register() -> None:
+    from slmops.cli import demo, keys, model
+
+    app.add_typer(model.app, name="model")
+    app.add_typer(keys.app, name="keys")
+    app.command("demo")(demo.demo)
+
+
+_register()
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; an SLMOpsError becomes a one-line message, never a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(
+            args=argv if argv is not None else sys.argv[1:], prog_name="slmops", standalone_mode=False
+        )
+    except SLMOpsError as exc:
+        from slmops.cli._common import err_console
+
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("SLMOPS_DEBUG"):
+            raise
+        print(
+            f"internal error: {type(exc).__name__}: {exc}\n"
+            "this is a bug in slmops; re-run with SLMOPS_DEBUG=1 for a traceback and report it",
+            file=sys.stderr,
+        )
+        return 70
+    return result if isinstance(result, int) else 0
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,68 @@
+"""Shared pieces of the CLI: consoles, byte progress bars, JSON output, sizes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from slmops.registry.blobstore import Progress as ProgressCallback
+from slmops.registry.service import ProgressFactory
+
+__all__ = ["byte_progress", "console", "err_console", "human_bytes", "print_json"]
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def human_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+@contextmanager
+def byte_progress(enabled: bool = True) -> Iterator[ProgressFactory]:
+    """A progress factory that shows one Rich bar per file on a terminal (stderr), and nothing elsewhere."""
+    bars = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=not enabled or not err_console.is_terminal,
+    )
+
+    def factory(description: str, total: int) -> ProgressCallback:
+        task = bars.add_task(description, total=total)
+
+        def advance(done: int) -> None:
+            bars.update(task, advance=done)
+
+        return advance
+
+    with bars:
+        yield factory
