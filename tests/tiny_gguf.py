@@ -70,6 +70,8 @@ def write_tiny_gguf(
 ) -> Path:
     """Write a tiny random-weight model of architecture ``arch`` ("llama" or "gemma3") to ``path``; return ``path``.
 
+    Missing parent directories are created. ``seed`` fixes the weights: the same arguments give the same bytes.
+
     ``file_type`` is one of :data:`FILE_TYPES`; quantized types need ``n_embd`` and ``n_ff`` multiples of 32.
     """
     import gguf

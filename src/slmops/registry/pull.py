@@ -48,7 +48,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         template="gemma3.jinja",
         stop_tokens=("<end_of_turn>", "<eos>"),
         license=License(name="Gemma Terms of Use", notice=GEMMA_NOTICE, url="https://ai.google.dev/gemma/terms"),
-        description="Google Gemma 3 270M instruction-tuned, Q4_K_M GGUF (default model)",
+        description="Google Gemma 3 270M, Q4_K_M GGUF (the default model)",
     ),
 }
 

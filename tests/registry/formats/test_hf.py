@@ -88,7 +88,7 @@ def test_read_json_file_returns_the_object(tmp_path: Path) -> None:
         (b'{"a": "\xff"}', "'config.json' is not UTF-8 text (invalid byte at offset 7)"),
         (b"\xef\xbb\xbf{}", "is not valid JSON"),
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-        (b'{"a": ' + b"9" * 5000 + b"}", "is not valid JSON"),
+        (b'{"a": ' + b"9" * 5000 + b"}", "holds an integer with thousands of digits"),
         (b"", "is not valid JSON"),
     ],
 )
@@ -232,6 +232,15 @@ def test_gpt2_style_keys_are_understood() -> None:
 
     assert facts.context_length == 1024
     assert facts.details["block_count"] == 12 and facts.details["head_count"] == 12
+    assert facts.details["key_length"] == 64
+
+
+def test_multi_query_attention_has_one_kv_head() -> None:
+    config = {"model_type": "falcon", "hidden_size": 4544, "num_attention_heads": 71, "multi_query": True}
+
+    facts = hf_facts(config, [])
+
+    assert facts.details["head_count"] == 71 and facts.details["head_count_kv"] == 1
     assert facts.details["key_length"] == 64
 
 
@@ -410,7 +419,7 @@ def test_index_naming_present_shards_passes() -> None:
         },
     }
 
-    assert check_index(index, SHARDS) is None
+    check_index(index, SHARDS)  # returns without raising
 
 
 @pytest.mark.parametrize(

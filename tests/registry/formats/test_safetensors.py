@@ -54,7 +54,7 @@ def header_file(tmp_path: Path, header: object, data: bytes = b"") -> Path:
     return path
 
 
-def entry(dtype: str, shape: list[int], begin: int, end: int) -> dict[str, Any]:
+def entry(dtype: str, shape: list[Any], begin: int, end: int) -> dict[str, Any]:
     return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
 
 
@@ -312,7 +312,7 @@ def test_tensor_count_over_the_limit_is_refused(tmp_path: Path) -> None:
         (b'{"w": ', "not valid JSON"),
         (b"[" * 100_000 + b"]" * 100_000, "expected the header to be a JSON object starting with '{'"),
         (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
-        (b'{"w": {"dtype": "U8", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 1]}}', "not valid JSON"),
+        (b'{"w": {"dtype": "U8", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 1]}}', "thousands of digits"),
         (b'{"w": NaN}', "expected tensor 'w' to be an object"),
         (b"\xef\xbb\xbf{}", "starting with '{'"),
     ],
@@ -420,7 +420,9 @@ def test_any_bytes_parse_or_raise_only_our_error(tmp_path: Path, content: bytes)
     sizes=st.lists(st.tuples(st.sampled_from(sorted(_NP_DTYPES)), st.lists(st.integers(0, 4), max_size=3)), max_size=6)
 )
 def test_files_written_like_the_library_round_trip(tmp_path: Path, sizes: list[tuple[str, list[int]]]) -> None:
-    arrays = {f"t{i}": (dtype, np.zeros(shape, dtype=_NP_DTYPES[dtype])) for i, (dtype, shape) in enumerate(sizes)}
+    arrays: dict[str, tuple[str, np.ndarray]] = {
+        f"t{i}": (dtype, np.zeros(shape, dtype=_NP_DTYPES[dtype])) for i, (dtype, shape) in enumerate(sizes)
+    }
     path = tmp_path / "model.safetensors"
     path.write_bytes(safetensors_bytes(arrays))
 

@@ -77,10 +77,19 @@ def read_json_file(path: Path, max_bytes: int = _DEFAULT_MAX_JSON_BYTES) -> dict
         ) from None
     except RecursionError:
         raise InvalidModelError(f"'{name}' is nested too deeply to be a configuration file") from None
-    except ValueError as exc:  # json.JSONDecodeError, and integers over Python's digit limit
-        raise InvalidModelError(f"'{name}' is not valid JSON ({exc}); fix or regenerate the file") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidModelError(
+            f"'{name}' is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+            "fix or regenerate the file"
+        ) from None
+    except ValueError:  # an integer longer than Python's 4300-digit limit for int()
+        raise InvalidModelError(
+            f"'{name}' holds an integer with thousands of digits; fix or regenerate the file"
+        ) from None
     if not isinstance(value, dict):
-        raise InvalidModelError(f"'{name}' must hold a JSON object, found a JSON {type(value).__name__}")
+        raise InvalidModelError(
+            f"'{name}' must hold a JSON object, found a JSON {type(value).__name__}; fix or regenerate the file"
+        )
     return value
 
 
@@ -160,9 +169,11 @@ def hf_facts(config: dict[str, Any], shards: list[SafetensorsInfo]) -> ModelFact
         value = _config_int(sections, keys)
         if value is not None:
             details[detail] = value
-    # transformers' defaults: no num_key_value_heads means multi-head attention; no head_dim means hidden / heads.
+    # transformers' defaults: no num_key_value_heads means multi-head attention, or multi-query attention (one KV
+    # head) where the config says multi_query (Falcon, GPT-BigCode); no head_dim means hidden / heads.
     if "head_count_kv" not in details and "head_count" in details:
-        details["head_count_kv"] = details["head_count"]
+        multi_query = any(section.get("multi_query") is True for section in sections)
+        details["head_count_kv"] = 1 if multi_query else details["head_count"]
     head_dim = details.pop("head_dim", None)
     heads, width = details.get("head_count"), details.get("embedding_length")
     if head_dim is None and heads and width is not None and width % heads == 0:

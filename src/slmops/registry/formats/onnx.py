@@ -100,7 +100,7 @@ class ONNXInfo:
     opsets: dict[str, int]  # domain -> version; the default domain "" is reported as "ai.onnx"
     node_count: int  # nodes of the main graph and of the subgraphs in its nodes' attributes
     parameter_count: int  # elements of the initializers of those graphs (sparse ones: their stored values)
-    external_files: tuple[str, ...]  # external data locations, relative to the model directory, sorted
+    external_files: tuple[str, ...]  # external data files: POSIX paths relative to the model directory, sorted
     metadata: dict[str, str]
     tensor_types: dict[str, int] = field(default_factory=dict)  # initializer data type name -> tensor count
 
@@ -110,7 +110,7 @@ class _Facts:
     node_count: int = 0
     parameter_count: int = 0
     tensor_types: dict[str, int] = field(default_factory=dict)
-    external_sizes: dict[str, int] = field(default_factory=dict)  # location -> file size
+    external_sizes: dict[str, int] = field(default_factory=dict)  # normalized location -> file size
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ class _Scanner:
         self._buf = b""
         self._buf_start = 0
         self._fields_left = limits.max_fields
+        self._external_checked: dict[str, int] = {}  # location as written -> file size
         self.pos = 0
         self.facts = _Facts()
 
@@ -478,7 +479,8 @@ class _Scanner:
         return int(text)
 
     def _external_file_size(self, location: str, label: str) -> int:
-        cached = self.facts.external_sizes.get(location)
+        """Size of the external data file, after checking it is a regular file inside the model directory."""
+        cached = self._external_checked.get(location)
         if cached is not None:
             return cached
         name = self._path.name
@@ -511,7 +513,8 @@ class _Scanner:
                 raise unsafe("is not a regular file")
             if not is_last and not stat.S_ISDIR(st.st_mode):
                 raise unsafe(f"goes through {'/'.join(parts[: index + 1])!r}, which is not a directory")
-        self.facts.external_sizes[location] = st.st_size
+        self._external_checked[location] = st.st_size
+        self.facts.external_sizes["/".join(parts)] = st.st_size  # "./data//w.bin" is reported as "data/w.bin"
         return st.st_size
 
 

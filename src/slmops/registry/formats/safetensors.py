@@ -197,8 +197,12 @@ def _parse_header_json(raw: bytes, fail: _Fail) -> dict[str, Any]:
         raise fail(f"the header names {_short(exc.key)} twice; every key must be unique") from None
     except RecursionError:
         raise fail("the header JSON is nested too deeply") from None
-    except ValueError as exc:  # json.JSONDecodeError, and int strings over Python's digit limit
-        raise fail(f"the header is not valid JSON ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise fail(f"the header is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except ValueError:  # an integer longer than Python's 4300-digit limit for int()
+        raise fail(
+            "the header holds an integer with thousands of digits; no valid shape or offset is that long"
+        ) from None
     if not isinstance(value, dict):
         raise fail(f"expected the header to be a JSON object, found {type(value).__name__}")
     return value
