@@ -19,12 +19,19 @@ found, and what to do. The CLI prints ``str(error)`` and exits with ``error.exit
     │   └── UnsafePathError         symlinks, special files, paths escaping the model directory
     ├── IntegrityError              bytes whose digest or size is not what the manifest says
     │   └── SignatureError          a missing, untrusted or wrong signature
-    └── BundleError                 a malformed or unsafe air-gap bundle
+    ├── BundleError                 a malformed or unsafe air-gap bundle
+    ├── BlueprintError              a blueprint or recipe that does not parse or refers to nothing
+    ├── AuthenticationError         no or bad credential (HTTP 401)
+    ├── PermissionDeniedError       a credential that may not do this (HTTP 403)
+    ├── UnavailableError            a server or device that cannot be reached now; retry later
+    └── RuntimeBackendError         an inference backend that failed to load or generate
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
+    "BlueprintError",
     "BundleError",
     "ConfigError",
     "ConflictError",
@@ -35,8 +42,11 @@ __all__ = [
     "InvalidSafetensorsError",
     "MissingExtraError",
     "NotFoundError",
+    "PermissionDeniedError",
+    "RuntimeBackendError",
     "SLMOpsError",
     "SignatureError",
+    "UnavailableError",
     "UnsafeFormatError",
     "UnsafePathError",
 ]
@@ -121,3 +131,28 @@ class SignatureError(IntegrityError):
 class BundleError(SLMOpsError):
     code = "bundle"
     exit_code = 7
+
+
+class BlueprintError(SLMOpsError):
+    code = "invalid_blueprint"
+    exit_code = 8
+
+
+class AuthenticationError(SLMOpsError):
+    code = "unauthenticated"
+    exit_code = 9
+
+
+class PermissionDeniedError(SLMOpsError):
+    code = "forbidden"
+    exit_code = 9
+
+
+class UnavailableError(SLMOpsError):
+    code = "unavailable"
+    exit_code = 10
+
+
+class RuntimeBackendError(SLMOpsError):
+    code = "runtime_backend"
+    exit_code = 11

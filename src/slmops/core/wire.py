@@ -1,0 +1,162 @@
+"""Wire schemas between the edge agent and the control plane (HTTP+JSON under ``/api/v1``).
+
+The agent and the control plane share only these models and the rest of ``core/``. Endpoints:
+
+============================================  =====================  ===============================================
+``POST /api/v1/enroll``                       enrollment token       :class:`EnrollRequest` → :class:`EnrollResponse`
+                                                                      (200 approved, 202 pending)
+``POST /api/v1/enroll/claim``                 device key signature   :class:`ClaimRequest` → :class:`EnrollResponse`
+``GET  /api/v1/devices/{id}/desired``         device credential      :class:`DesiredState`, ``ETag``; ``304`` when
+                                                                      ``If-None-Match`` matches
+``POST /api/v1/devices/{id}/status``          device credential      :class:`StatusReport` → :class:`StatusAck`
+``GET  /api/v1/blobs/{digest}``               device credential      bytes; ``Range``, ``If-Range``, ``ETag``
+============================================  =====================  ===============================================
+
+A device credential is sent as ``Authorization: Bearer <credential>`` and can read or write only its own device's
+records, and only the blobs of the model versions its desired state names. Nothing here carries prompt or
+completion text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmops.core.manifest import SignedManifest
+
+__all__ = [
+    "API_PREFIX",
+    "AgentPhase",
+    "AllowedAdaptations",
+    "Capabilities",
+    "ClaimRequest",
+    "DesiredModel",
+    "DesiredState",
+    "DeviceEvent",
+    "EnrollRequest",
+    "EnrollResponse",
+    "Health",
+    "RuntimeConfig",
+    "StatusAck",
+    "StatusReport",
+    "claim_message",
+]
+
+API_PREFIX = "/api/v1"
+MAX_EVENTS_PER_REPORT = 100
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Capabilities(_Wire):
+    """What a device measured about itself."""
+
+    memory_bytes: int = Field(ge=0)
+    disk_free_bytes: int = Field(ge=0)
+    cpu_cores: int = Field(ge=1)
+    cpu_flags: list[str] = Field(default_factory=list, max_length=64)  # avx, avx2, avx512f, fma, f16c, neon, ...
+    accelerator: str | None = None  # e.g. "cuda", "metal", "npu"; None for CPU only
+    os: str = ""
+    arch: str = ""  # x86_64, aarch64, ...
+    probe_decode_tokens_per_s: float | None = Field(default=None, ge=0)
+
+
+class EnrollRequest(_Wire):
+    token: str = Field(min_length=1, max_length=256)
+    public_key: str = Field(min_length=1, max_length=256)  # "ed25519 <base64 of 32 bytes>"
+    capabilities: Capabilities
+    labels: dict[str, str] = Field(default_factory=dict)
+    hostname: str = Field(default="", max_length=255)
+
+
+def claim_message(device_id: str, timestamp: int) -> bytes:
+    """The bytes a pending device signs with its key to claim its credential once approved."""
+    return f"slmops-claim:{device_id}:{timestamp}".encode()
+
+
+class ClaimRequest(_Wire):
+    device_id: str = Field(min_length=1, max_length=64)
+    timestamp: int  # unix seconds; the server refuses claims more than a few minutes off its clock
+    signature: str = Field(max_length=256)  # base64 ed25519 signature of claim_message(device_id, timestamp)
+
+
+class EnrollResponse(_Wire):
+    device_id: str
+    state: Literal["approved", "pending"]
+    credential: str | None = None  # present once approved; shown once, stored hashed by the server
+    trusted_keys: list[str] = Field(default_factory=list)  # public keys ("ed25519 <b64>") that sign manifests
+    poll_interval_s: float = 30.0
+
+
+class RuntimeConfig(_Wire):
+    threads: int | None = Field(default=None, ge=1, le=256)
+    context_tokens: int = Field(default=2048, ge=16, le=1 << 20)
+    port: int = Field(default=8089, ge=1, le=65535)  # the local OpenAI-compatible API, on 127.0.0.1
+
+
+class AllowedAdaptations(_Wire):
+    system_prompt: bool = False
+    adapter: bool = False
+
+
+class DesiredModel(_Wire):
+    name: str
+    version: str
+    digest: str  # manifest digest
+    variant: str | None = None
+    envelope: SignedManifest  # the signed manifest, so the agent verifies files and signature itself
+
+
+class DesiredState(_Wire):
+    device_id: str
+    generation: str  # also the ETag value; changes whenever anything below changes
+    model: DesiredModel | None = None
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    adaptations: AllowedAdaptations = Field(default_factory=AllowedAdaptations)
+    blueprint: str | None = None  # "name@revision" that produced this state
+    reason: str = ""  # why this model/variant, or why none
+
+
+AgentPhase = Literal[
+    "starting",
+    "idle",
+    "downloading",
+    "verifying",
+    "staging",
+    "probing",
+    "activating",
+    "serving",
+    "rolling_back",
+    "error",
+]
+Health = Literal["ok", "degraded", "failing", "unknown"]
+
+
+class DeviceEvent(_Wire):
+    """Something that happened on the device. ``id`` is made by the agent, so a retried upload never duplicates."""
+
+    id: str = Field(min_length=1, max_length=64)
+    time: str  # RFC 3339, UTC
+    kind: str = Field(max_length=64)  # download_started, verified, activated, probe_failed, rolled_back, crash, ...
+    version_digest: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)  # numbers and reasons; never prompt or completion text
+
+
+class StatusReport(_Wire):
+    phase: AgentPhase
+    health: Health = "unknown"
+    active_digest: str | None = None
+    previous_digest: str | None = None
+    desired_generation: str | None = None
+    last_error: str | None = Field(default=None, max_length=2000)
+    capabilities: Capabilities | None = None
+    agent_version: str = ""
+    events: list[DeviceEvent] = Field(default_factory=list, max_length=MAX_EVENTS_PER_REPORT)
+
+
+class StatusAck(_Wire):
+    accepted_event_ids: list[str]  # ids stored now or earlier: the agent may drop them from its buffer
+    server_time: str
