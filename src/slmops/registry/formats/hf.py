@@ -12,14 +12,13 @@ Gemma 3 or LLaVA), then at the top level, under the names transformers uses for 
 from __future__ import annotations
 
 import json
-import os
-import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any
 
 from slmops.core.manifest import ModelFacts, RuntimeHints
 from slmops.errors import InvalidModelError, InvalidSafetensorsError
+from slmops.registry.formats._io import open_regular
 from slmops.registry.formats.safetensors import SafetensorsInfo
 
 __all__ = ["check_index", "hf_facts", "hf_runtime_hints", "read_json_file"]
@@ -45,7 +44,7 @@ def read_json_file(path: Path, max_bytes: int = _DEFAULT_MAX_JSON_BYTES) -> dict
     """Read a JSON object from ``path``: at most ``max_bytes``, strict UTF-8, no duplicate keys."""
     name = path.name
     try:
-        opened = _open_regular(path)
+        opened = open_regular(path)
     except OSError as exc:
         raise InvalidModelError(
             f"cannot open '{path}': {exc.strerror or exc}; check the path and its permissions"
@@ -91,24 +90,6 @@ def read_json_file(path: Path, max_bytes: int = _DEFAULT_MAX_JSON_BYTES) -> dict
             f"'{name}' must hold a JSON object, found a JSON {type(value).__name__}; fix or regenerate the file"
         )
     return value
-
-
-def _open_regular(path: Path) -> tuple[BinaryIO, int] | None:
-    """Open ``path`` for reading: (handle, size), or None if it is not a regular file. Raises OSError.
-
-    O_NONBLOCK, so that a FIFO planted under a file's name cannot hang us on open.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        st = os.fstat(fd)
-        handle = os.fdopen(fd, "rb") if stat.S_ISREG(st.st_mode) else None
-    except BaseException:
-        os.close(fd)
-        raise
-    if handle is None:
-        os.close(fd)
-        return None
-    return handle, st.st_size
 
 
 class _DuplicateKeyError(Exception):

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, NoReturn
 
 from slmops.errors import InvalidONNXError, UnsafePathError
+from slmops.registry.formats._io import open_regular
 
 __all__ = ["ONNX_DATA_TYPES", "ONNXInfo", "ONNXLimits", "read_onnx"]
 
@@ -521,7 +522,7 @@ class _Scanner:
 def read_onnx(path: Path, model_dir: Path, limits: ONNXLimits = ONNXLimits()) -> ONNXInfo:
     """Scan the ONNX model at ``path``; external data locations are resolved inside ``model_dir``."""
     try:
-        opened = _open_regular(path)
+        opened = open_regular(path)
     except OSError as exc:
         raise InvalidONNXError(
             f"cannot open ONNX file '{path}': {exc.strerror or exc}; check the path and its permissions"
@@ -537,21 +538,3 @@ def read_onnx(path: Path, model_dir: Path, limits: ONNXLimits = ONNXLimits()) ->
                 "`onnx.save_model(model, path, save_as_external_data=True)`"
             )
         return _Scanner(handle, size, path, model_dir, limits).model()
-
-
-def _open_regular(path: Path) -> tuple[BinaryIO, int] | None:
-    """Open ``path`` for reading: (handle, size), or None if it is not a regular file. Raises OSError.
-
-    O_NONBLOCK, so that a FIFO planted under a file's name cannot hang us on open.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        st = os.fstat(fd)
-        handle = os.fdopen(fd, "rb") if stat.S_ISREG(st.st_mode) else None
-    except BaseException:
-        os.close(fd)
-        raise
-    if handle is None:
-        os.close(fd)
-        return None
-    return handle, st.st_size

@@ -19,15 +19,14 @@ for a pickle, :class:`~slmops.errors.UnsafePathError` for something that is not 
 from __future__ import annotations
 
 import io
-import os
 import pickletools
-import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from slmops.errors import InvalidModelError, UnsafeFormatError, UnsafePathError
+from slmops.registry.formats._io import open_regular
 
 __all__ = ["PICKLE_SUFFIXES", "PickleGuardLimits", "check_not_pickle", "has_pickle_suffix"]
 
@@ -84,7 +83,7 @@ def check_not_pickle(path: Path, limits: PickleGuardLimits = PickleGuardLimits()
     if suffix is not None:
         raise _refuse(path, f"its name ends in '{suffix}', a suffix of pickle files")
     try:
-        opened = _open_regular(path)
+        opened = open_regular(path)
     except OSError as exc:
         raise InvalidModelError(
             f"cannot open '{path}' to check that it is not a pickle: {exc.strerror or exc}; "
@@ -105,24 +104,6 @@ def check_not_pickle(path: Path, limits: PickleGuardLimits = PickleGuardLimits()
         ) from None
     if reason is not None:
         raise _refuse(path, reason)
-
-
-def _open_regular(path: Path) -> tuple[BinaryIO, int] | None:
-    """Open ``path`` for reading: (handle, size), or None if it is not a regular file. Raises OSError.
-
-    O_NONBLOCK, so that a FIFO planted under a file's name cannot hang us on open.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        st = os.fstat(fd)
-        handle = os.fdopen(fd, "rb") if stat.S_ISREG(st.st_mode) else None
-    except BaseException:
-        os.close(fd)
-        raise
-    if handle is None:
-        os.close(fd)
-        return None
-    return handle, st.st_size
 
 
 def _refuse(path: Path, reason: str) -> UnsafeFormatError:

@@ -12,14 +12,13 @@ Memory is bounded by ``SafetensorsLimits.max_header_bytes`` and time by the head
 from __future__ import annotations
 
 import json
-import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from slmops.errors import InvalidSafetensorsError
+from slmops.registry.formats._io import open_regular
 
 __all__ = [
     "DTYPE_SIZES",
@@ -100,24 +99,6 @@ class SafetensorsInfo:
         return sum(t.n_elements for t in self.tensors)
 
 
-def _open_regular(path: Path) -> tuple[BinaryIO, int] | None:
-    """Open ``path`` for reading: (handle, size), or None if it is not a regular file. Raises OSError.
-
-    O_NONBLOCK, so that a FIFO planted under a file's name cannot hang us on open.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        st = os.fstat(fd)
-        handle = os.fdopen(fd, "rb") if stat.S_ISREG(st.st_mode) else None
-    except BaseException:
-        os.close(fd)
-        raise
-    if handle is None:
-        os.close(fd)
-        return None
-    return handle, st.st_size
-
-
 class _DuplicateKeyError(Exception):
     def __init__(self, key: str) -> None:
         super().__init__(key)
@@ -150,7 +131,7 @@ def read_safetensors(path: Path, limits: SafetensorsLimits = SafetensorsLimits()
         return InvalidSafetensorsError(f"safetensors file '{name}': {problem}; {_FIX}")
 
     try:
-        opened = _open_regular(path)
+        opened = open_regular(path)
     except OSError as exc:
         raise InvalidSafetensorsError(
             f"cannot open safetensors file '{path}': {exc.strerror or exc}; check the path and its permissions"
