@@ -6,6 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
+import slmops.control.db  # noqa: F401  (the control plane's tables share the registry's schema history)
 from slmops.registry.db import Base, make_engine, migrate
 
 

@@ -49,6 +49,11 @@ def _register() -> None:
     app.add_typer(model.app, name="model")
     app.add_typer(keys.app, name="keys")
     app.command("demo")(demo.demo)
+    app.command("serve")(__import__("slmops.cli.serve", fromlist=["serve"]).serve)
+    __import__("slmops.cli.server", fromlist=["register"]).register(app)
+    app.add_typer(__import__("slmops.cli.agent", fromlist=["app"]).app, name="agent")
+    app.add_typer(__import__("slmops.cli.optimize", fromlist=["app"]).app, name="optimize")
+    model.app.command("select")(__import__("slmops.cli.select", fromlist=["select"]).select)
 
 
 _register()

@@ -1,0 +1,181 @@
+"""The control-plane client of the agent: the wire protocol of :mod:`slmops.core.wire` over httpx.
+
+Tests pass an ``httpx`` transport (``httpx.MockTransport``, or a real server on loopback). Network failures and 5xx
+answers become :class:`~slmops.errors.UnavailableError` (retry later); 401/403/404 become the matching errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from slmops import __version__
+from slmops.core.wire import (
+    API_PREFIX,
+    ClaimRequest,
+    DesiredState,
+    EnrollRequest,
+    EnrollResponse,
+    StatusAck,
+    StatusReport,
+)
+from slmops.errors import AuthenticationError, NotFoundError, PermissionDeniedError, SLMOpsError, UnavailableError
+
+__all__ = ["ControlPlaneClient", "DesiredFetch"]
+
+
+@dataclass(frozen=True)
+class DesiredFetch:
+    changed: bool
+    state: DesiredState | None  # None when unchanged (304)
+    etag: str | None
+
+
+def _raise_for(response: httpx.Response, what: str) -> None:
+    code = response.status_code
+    if code < 400:
+        return
+    detail = ""
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            detail = str(body.get("detail") or body.get("message") or "")[:300]
+    except ValueError:
+        detail = ""
+    suffix = f": {detail}" if detail else ""
+    if code == 401:
+        raise AuthenticationError(f"the control plane refused the credential for {what} (401){suffix}; re-enroll")
+    if code == 403:
+        raise PermissionDeniedError(f"the control plane forbids {what} (403){suffix}")
+    if code == 404:
+        raise NotFoundError(f"the control plane has nothing at {what} (404){suffix}")
+    if code >= 500 or code in (408, 425, 429):
+        raise UnavailableError(f"the control plane failed {what} with HTTP {code}{suffix}; retrying later")
+    raise SLMOpsError(f"the control plane rejected {what} with HTTP {code}{suffix}")
+
+
+def _parse(model: type[BaseModel], response: httpx.Response, what: str) -> BaseModel:
+    try:
+        return model.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise UnavailableError(
+            f"the control plane answered {what} with a body that is not a valid {model.__name__}: "
+            f"{exc.errors()[0]['msg']}; is --server the slmops control plane?"
+        ) from None
+
+
+class ControlPlaneClient:
+    def __init__(
+        self,
+        base_url: str,
+        credential: str | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.credential = credential
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            transport=transport,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            headers={"User-Agent": f"slmops-agent/{__version__}"},
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ControlPlaneClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _auth(self) -> dict[str, str]:
+        if not self.credential:
+            raise AuthenticationError("this device has no credential yet; enroll it with --enroll-token")
+        return {"Authorization": f"Bearer {self.credential}"}
+
+    def _request(self, method: str, path: str, what: str, **kwargs: object) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)  # type: ignore[arg-type]
+        except httpx.TransportError as exc:
+            raise UnavailableError(
+                f"cannot reach the control plane at {self.base_url} for {what}: {type(exc).__name__}; retrying later"
+            ) from None
+        _raise_for(response, what)
+        return response
+
+    def enroll(self, request: EnrollRequest) -> EnrollResponse:
+        response = self._request(
+            "POST",
+            f"{API_PREFIX}/enroll",
+            "enrollment",
+            content=request.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+        result = _parse(EnrollResponse, response, "enrollment")
+        assert isinstance(result, EnrollResponse)
+        return result
+
+    def claim(self, request: ClaimRequest) -> EnrollResponse:
+        response = self._request(
+            "POST",
+            f"{API_PREFIX}/enroll/claim",
+            "the enrollment claim",
+            content=request.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+        result = _parse(EnrollResponse, response, "the enrollment claim")
+        assert isinstance(result, EnrollResponse)
+        return result
+
+    def desired(self, device_id: str, etag: str | None = None) -> DesiredFetch:
+        headers = self._auth()
+        if etag:
+            headers["If-None-Match"] = etag
+        response = self._request(
+            "GET", f"{API_PREFIX}/devices/{device_id}/desired", "the desired state", headers=headers
+        )
+        if response.status_code == 304:
+            return DesiredFetch(changed=False, state=None, etag=etag)
+        state = _parse(DesiredState, response, "the desired state")
+        assert isinstance(state, DesiredState)
+        return DesiredFetch(changed=True, state=state, etag=response.headers.get("ETag"))
+
+    def post_status(self, device_id: str, report: StatusReport) -> StatusAck:
+        headers = {**self._auth(), "Content-Type": "application/json"}
+        response = self._request(
+            "POST",
+            f"{API_PREFIX}/devices/{device_id}/status",
+            "the status report",
+            content=report.model_dump_json(),
+            headers=headers,
+        )
+        ack = _parse(StatusAck, response, "the status report")
+        assert isinstance(ack, StatusAck)
+        return ack
+
+    @contextmanager
+    def blob(self, digest: str, offset: int = 0, etag: str | None = None) -> Iterator[httpx.Response]:
+        """A streaming response for a blob; from ``offset`` with ``Range`` (+ ``If-Range`` when ``etag``)."""
+        headers = self._auth()
+        if offset > 0:
+            headers["Range"] = f"bytes={offset}-"
+            if etag:
+                headers["If-Range"] = etag
+        what = f"blob {digest}"
+        try:
+            with self._http.stream("GET", f"{API_PREFIX}/blobs/{digest}", headers=headers) as response:
+                if response.status_code >= 400 and response.status_code != 416:
+                    response.read()
+                    _raise_for(response, what)
+                yield response
+        except httpx.TransportError as exc:
+            raise UnavailableError(
+                f"cannot reach the control plane at {self.base_url} for {what}: {type(exc).__name__}; retrying later"
+            ) from None

@@ -1,0 +1,135 @@
+"""`slmops agent …`: the edge agent daemon, and its local status."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import typer
+from rich.table import Table
+
+from slmops.cli._common import console, print_json
+from slmops.errors import ConfigError
+
+app = typer.Typer(
+    help=(
+        "The edge agent: enroll with a control plane, keep the desired model downloaded, verified, probed and "
+        "served on 127.0.0.1, roll back by itself.\n\n"
+        "Example: slmops agent --server http://cp:8080 --enroll-token T --label site=berlin-3"
+    ),
+    invoke_without_command=True,
+)
+
+
+def _labels(values: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--label must look like key=value, got {value!r}")
+        labels[key.strip()] = val.strip()
+    return labels
+
+
+def _data_dir(value: Path | None) -> Path:
+    from slmops.agent.state import default_data_dir
+
+    return value.expanduser().resolve() if value is not None else default_data_dir()
+
+
+@app.callback()
+def agent(
+    ctx: typer.Context,
+    server: str | None = typer.Option(None, "--server", help="The control plane's URL (remembered after enrolling)."),
+    enroll_token: str | None = typer.Option(None, "--enroll-token", help="Enrollment token, used once."),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Agent data directory (default: $SLMOPS_HOME/agent)."
+    ),
+    label: list[str] = typer.Option([], "--label", help="A device label key=value sent at enrollment (repeatable)."),
+    memory_bytes: int | None = typer.Option(None, "--memory-bytes", help="Report this much RAM instead of measuring."),
+    cpu_cores: int | None = typer.Option(None, "--cpu-cores", help="Report this many cores instead of measuring."),
+    capabilities_file: Path | None = typer.Option(
+        None, "--capabilities-file", help="JSON object of capability fields that override what is measured."
+    ),
+    poll_interval_s: float | None = typer.Option(
+        None, "--poll-interval-s", help="Seconds between polls (default: what the control plane says)."
+    ),
+    probation_s: float = typer.Option(120.0, "--probation-s", help="Seconds a new version serves before commit."),
+    health_interval_s: float = typer.Option(60.0, "--health-interval-s", help="Seconds between health checks."),
+    api_port: int | None = typer.Option(
+        None,
+        "--api-port",
+        help="Serve the local API on this port instead of the blueprint's (several agents per host).",
+    ),
+    once: bool = typer.Option(False, "--once", help="One reconcile pass, then exit (for scripts and tests)."),
+) -> None:
+    """Run the agent: enroll once, then poll, reconcile and serve until stopped (SIGTERM or Ctrl-C).
+
+    Example: slmops agent --server http://127.0.0.1:8080 --enroll-token T --memory-bytes 2147483648
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from slmops.agent.daemon import Agent, AgentConfig
+
+    config = AgentConfig(
+        data_dir=_data_dir(data_dir),
+        server_url=server,
+        enroll_token=enroll_token,
+        labels=_labels(label),
+        poll_interval_s=poll_interval_s,
+        probation_s=probation_s,
+        health_interval_s=health_interval_s,
+        memory_bytes=memory_bytes,
+        cpu_cores=cpu_cores,
+        capabilities_file=capabilities_file,
+        api_port=api_port,
+    )
+    stop = threading.Event()
+
+    def _stop(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        with Agent(config) as daemon:
+            console.print(f"agent data in {config.data_dir}", highlight=False)
+            daemon.run(once=once, stop=stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@app.command()
+def status(
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Agent data directory (default: $SLMOPS_HOME/agent)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Show the local agent's state: device id, active and previous version, phase, health, buffered events.
+
+    Example: slmops agent status --json
+    """
+    from slmops.agent.daemon import local_status
+
+    info = local_status(_data_dir(data_dir))
+    if json_out:
+        print_json(info)
+        return
+    table = Table(show_header=False, box=None)
+    for key in (
+        "device_id",
+        "server",
+        "enrollment",
+        "active_version",
+        "active",
+        "previous_version",
+        "phase",
+        "health",
+        "committed",
+        "last_error",
+        "outbox_events",
+    ):
+        table.add_row(key.replace("_", " "), "-" if info[key] is None else str(info[key]))
+    console.print(table)

@@ -1,0 +1,124 @@
+"""`slmops apply -f`, `slmops plan -f` and `slmops blueprint list|show`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Column, Table
+
+from slmops.cli._common import console, print_json
+from slmops.cli.server import JsonOpt, ServerOpt, TokenOpt, client
+from slmops.errors import NotFoundError
+
+__all__ = ["app", "apply", "plan"]
+
+app = typer.Typer(help="Blueprints: which model, variant and runtime for which devices.", no_args_is_help=True)
+FileOpt = typer.Option(..., "--file", "-f", help="The blueprint YAML file ('-' for stdin).")
+
+
+def _read(path: Path) -> str:
+    if str(path) == "-":
+        return typer.get_text_stream("stdin").read()
+    if not path.is_file():
+        raise NotFoundError(f"{path} does not exist; write a blueprint YAML file (see `slmops blueprint --help`)")
+    return path.read_text(encoding="utf-8")
+
+
+def apply(
+    file: Path = FileOpt,
+    server_url: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Create or update a blueprint; a new revision only when it changed (idempotent).
+
+    Example: slmops apply -f tills.yaml
+    """
+    with client(server_url, token) as api:
+        result = api.apply(_read(file))
+    if json_out:
+        print_json(result.model_dump(mode="json"))
+        return
+    verb = "created" if result.created else "unchanged:"
+    console.print(f"blueprint {result.name}@{result.revision} {verb}".replace(" unchanged:", " unchanged"))
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+def plan(
+    file: Path = FileOpt,
+    server_url: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Show what applying a blueprint would change on each device, and which blueprint wins where.
+
+    Example: slmops plan -f tills.yaml
+    """
+    with client(server_url, token) as api:
+        result = api.plan(_read(file))
+    if json_out:
+        print_json(result.model_dump(mode="json"))
+        return
+    state = f"would become revision {result.revision}" if result.spec_changed else "unchanged"
+    console.print(f"blueprint {result.name}: {state}")
+    table = Table(
+        Column("device", no_wrap=True), "class", "change", "from", "to", Column("winner", no_wrap=True), "matched"
+    )
+    for e in result.entries:
+        table.add_row(
+            e.device_id,
+            e.device_class,
+            e.change,
+            e.before or "-",
+            e.after or "-",
+            e.winner or "-",
+            ", ".join(e.matched),
+        )
+    console.print(table)
+    changes = sum(1 for e in result.entries if e.change != "unchanged")
+    console.print(f"{changes} device(s) would change")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+@app.command("list")
+def list_(server_url: str | None = ServerOpt, token: str | None = TokenOpt, json_out: bool = JsonOpt) -> None:
+    """List the current revision of every blueprint.
+
+    Example: slmops blueprint list
+    """
+    with client(server_url, token) as api:
+        blueprints = api.blueprints()
+    if json_out:
+        print_json([b.model_dump(mode="json") for b in blueprints])
+        return
+    table = Table("name", "revision", "priority", "model", "applied", "by")
+    for b in blueprints:
+        table.add_row(b.name, str(b.revision), str(b.priority), b.model, b.created_at, b.created_by)
+    console.print(table)
+
+
+@app.command()
+def show(
+    name: str = typer.Argument(..., help="The blueprint name."),
+    revision: int | None = typer.Option(None, "--revision", help="An older revision (default: the current one)."),
+    server_url: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Show a blueprint as applied (its YAML), with revision and author.
+
+    Example: slmops blueprint show tills-berlin --revision 2
+    """
+    with client(server_url, token) as api:
+        blueprint = api.blueprint(name, revision)
+    if json_out:
+        print_json(blueprint.model_dump(mode="json"))
+        return
+    current = " (current)" if blueprint.current else ""
+    console.print(
+        f"# {blueprint.name}@{blueprint.revision}{current}, applied {blueprint.created_at} by {blueprint.created_by}"
+    )
+    typer.echo(blueprint.source.rstrip("\n"))

@@ -1,0 +1,96 @@
+"""`slmops serve`: run one model behind the local OpenAI-compatible API on 127.0.0.1."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import typer
+
+from slmops.cli._common import console, err_console
+from slmops.errors import InvalidModelError
+
+if TYPE_CHECKING:
+    from slmops.runtime.host import ModelInfo
+
+
+def _registered(ref: str, context: int) -> tuple[Path, ModelInfo]:
+    from slmops.registry import Registry
+    from slmops.runtime.host import ModelInfo
+
+    registry = Registry.open()
+    try:
+        report = registry.require_verified(ref)
+        envelope = registry.resolve(report.digest)
+        manifest = envelope.manifest
+        ggufs = [entry for entry in manifest.files if entry.path.endswith(".gguf")]
+        if manifest.format != "gguf" or len(ggufs) != 1:
+            raise InvalidModelError(
+                f"{manifest.name}@{manifest.version} is a {manifest.format} model with {len(ggufs)} .gguf files; "
+                "`slmops serve` runs a single GGUF file: serve a GGUF variant of it"
+            )
+        trained = manifest.facts.context_length
+        info = ModelInfo.from_manifest(
+            manifest, digest=envelope.digest, context_tokens=min(context, trained) if trained else context
+        )
+        return registry.blob_path(ggufs[0].digest), info
+    finally:
+        registry.close()
+
+
+def serve(
+    model: str = typer.Argument(..., help="A registered model (NAME, NAME@v2, NAME@stable) or a path to a .gguf file."),
+    port: int = typer.Option(8080, help="Port on 127.0.0.1; 0 picks a free one."),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads for llama.cpp (default: its own choice)."),
+    context: int = typer.Option(2048, min=16, help="Context window in tokens (capped at the model's own)."),
+    max_tokens: int = typer.Option(2048, min=1, help="Largest max_tokens a request may ask for."),
+) -> None:
+    """Serve a model locally with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    A registered model is verified (signature and digests) before it is loaded. The API listens on 127.0.0.1
+    only; prompts and answers are never logged. Stop with Ctrl-C.
+
+    Example: slmops serve gemma3-270m --port 8080 --threads 2
+    """
+    from slmops.runtime.backend import BackendConfig, LlamaCppBackend
+    from slmops.runtime.host import ModelHost, ModelInfo
+    from slmops.runtime.server import create_app
+    from slmops.runtime.serving import LocalServer
+
+    path = Path(model)
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.is_file():
+            raise InvalidModelError(f"no GGUF file at {path}; pass an existing .gguf file or a registered model name")
+        from slmops.registry.formats.gguf import gguf_facts, read_gguf
+
+        trained = gguf_facts(read_gguf(path)).context_length
+        info = ModelInfo.from_gguf(path, context_tokens=min(context, trained) if trained else context)
+    else:
+        path, info = _registered(model, context)
+    backend = LlamaCppBackend.load(
+        path, info.model_id, BackendConfig(context_tokens=info.context_tokens, threads=threads)
+    )
+    host = ModelHost()
+    host.activate(backend, info)
+    stop = threading.Event()
+
+    def _on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, _on_signal)
+    server = LocalServer(create_app(host, max_tokens_limit=max_tokens), port=port)
+    try:
+        server.start()
+        console.print(f"serving {info.model_id} on {server.url}/v1 (OpenAI-compatible); Ctrl-C to stop", soft_wrap=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.stop()
+        host.deactivate()
+        err_console.print("stopped")

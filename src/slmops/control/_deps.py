@@ -1,0 +1,78 @@
+"""FastAPI dependencies: the control plane, the caller, role checks, and the documented error responses."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from slmops.control.auth import Principal, require_role
+from slmops.control.schemas import ErrorBody
+from slmops.control.service import ControlPlane
+from slmops.errors import AuthenticationError
+
+__all__ = ["ERRORS", "Admin", "Caller", "Operator", "Plane", "Viewer", "errors"]
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="An operator API token (slmops_op_...) or a device credential (slmops_dev_...).",
+)
+
+
+def get_plane(request: Request) -> ControlPlane:
+    plane: ControlPlane = request.app.state.plane
+    return plane
+
+
+Plane = Annotated[ControlPlane, Depends(get_plane)]
+
+
+def get_principal(
+    plane: Plane, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+) -> Principal:
+    if credentials is None or not credentials.credentials:
+        raise AuthenticationError("no credential; send 'Authorization: Bearer <token>'")
+    return plane.authenticate(credentials.credentials)
+
+
+Caller = Annotated[Principal, Depends(get_principal)]
+
+
+def _viewer(principal: Caller) -> Principal:
+    require_role(principal, "viewer")
+    return principal
+
+
+def _operator(principal: Caller) -> Principal:
+    require_role(principal, "operator")
+    return principal
+
+
+def _admin(principal: Caller) -> Principal:
+    require_role(principal, "admin")
+    return principal
+
+
+Viewer = Annotated[Principal, Depends(_viewer)]
+Operator = Annotated[Principal, Depends(_operator)]
+Admin = Annotated[Principal, Depends(_admin)]
+
+_DESCRIPTIONS = {
+    401: "No credential, or an unknown one",
+    403: "The credential may not do this",
+    404: "Not found",
+    409: "Conflict with the current state",
+    416: "Range not satisfiable",
+    422: "The request does not validate",
+    503: "Temporarily unavailable",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given error statuses, all with :class:`ErrorBody`."""
+    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+ERRORS = errors(401, 403, 422)

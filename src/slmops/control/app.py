@@ -1,0 +1,125 @@
+"""The control plane's FastAPI application.
+
+``create_app(settings)`` builds the app; the control plane (database, registry) is opened when the app starts
+(its lifespan), or passed in ready-made by tests. Every :class:`~slmops.errors.SLMOpsError` becomes one JSON
+:class:`~slmops.control.schemas.ErrorBody` through one handler: client errors carry their message, server errors
+only a generic one (the details go to the server log), so internal text never leaks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from slmops import __version__
+from slmops.control import routes_agent, routes_operator
+from slmops.control.schemas import ErrorBody, ServerHealth
+from slmops.control.service import ControlPlane
+from slmops.control.settings import ServerSettings
+from slmops.core.wire import API_PREFIX
+from slmops.errors import SLMOpsError
+
+__all__ = ["STATUS_BY_CODE", "create_app", "status_for"]
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_CODE: dict[str, int] = {
+    "not_found": 404,
+    "conflict": 409,
+    "invalid_blueprint": 422,
+    "invalid_request": 422,
+    "unauthenticated": 401,
+    "signature": 401,
+    "forbidden": 403,
+    "unavailable": 503,
+    "invalid_model": 422,
+    "invalid_gguf": 422,
+    "invalid_safetensors": 422,
+    "invalid_onnx": 422,
+    "unsafe_format": 422,
+    "unsafe_path": 422,
+    "bundle": 422,
+}
+
+
+def status_for(code: str) -> int:
+    return STATUS_BY_CODE.get(code, 500)
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorBody(code=code, message=message).model_dump(), status_code=status, headers=headers)
+
+
+async def _slmops_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SLMOpsError)
+    status = status_for(exc.code)
+    if status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
+        return _error(status, exc.code, f"the server failed ({exc.code}); the details are in its log")
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return _error(status, exc.code, exc.message, headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        problems.append(f"{where}: {error.get('msg', 'invalid')}"[:300])
+    return _error(422, "invalid_request", "the request does not validate: " + "; ".join(problems))
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return _error(exc.status_code, "http", str(exc.detail), dict(exc.headers or {}))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed unexpectedly", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal", "the server failed unexpectedly; the details are in its log")
+
+
+def create_app(settings: ServerSettings | None = None, plane: ControlPlane | None = None) -> FastAPI:
+    """The control-plane app. Without ``plane``, one is opened from ``settings`` when the app starts."""
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if plane is not None:
+            app.state.plane = plane
+            yield
+            return
+        opened = ControlPlane.open(settings)
+        app.state.plane = opened
+        try:
+            yield
+        finally:
+            opened.close()
+
+    app = FastAPI(
+        title="slmops control plane",
+        version=__version__,
+        description="Devices, blueprints and desired state for fleets of edge devices running small language models.",
+        lifespan=lifespan,
+    )
+    if plane is not None:
+        app.state.plane = plane
+    app.add_exception_handler(SLMOpsError, _slmops_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+    @app.get(f"{API_PREFIX}/health", response_model=ServerHealth, tags=["server"])
+    def health() -> ServerHealth:
+        """Liveness: the server answers (no credential needed)."""
+        return ServerHealth(status="ok", version=__version__)
+
+    app.include_router(routes_agent.router, prefix=API_PREFIX)
+    app.include_router(routes_operator.router, prefix=API_PREFIX)
+    return app

@@ -1,0 +1,204 @@
+"""``OperatorClient``: the operator side of the control-plane API over httpx, used by the CLI.
+
+Errors come back as the matching :class:`~slmops.errors.SLMOpsError` with the server's public message; a server
+that cannot be reached becomes :class:`~slmops.errors.UnavailableError`. Tests may pass ``transport`` (e.g. an
+``httpx.MockTransport``) instead of talking to a real server.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+from slmops import errors as _errors
+from slmops.control.schemas import (
+    ApiTokenCreated,
+    ApiTokenPublic,
+    ApplyResult,
+    BlueprintPublic,
+    DeviceEventPublic,
+    DevicePublic,
+    EnrollmentTokenCreated,
+    EnrollmentTokenPublic,
+    PlanPublic,
+    Role,
+)
+from slmops.core.wire import API_PREFIX, DesiredState
+from slmops.errors import ConfigError, SLMOpsError, UnavailableError
+
+__all__ = ["DEFAULT_SERVER_URL", "OperatorClient", "error_for"]
+
+DEFAULT_SERVER_URL = "http://127.0.0.1:8080"
+T = TypeVar("T", bound=BaseModel)
+
+
+def _error_classes() -> dict[str, type[SLMOpsError]]:
+    found: dict[str, type[SLMOpsError]] = {}
+    for name in _errors.__all__:
+        cls = getattr(_errors, name)
+        if isinstance(cls, type) and issubclass(cls, SLMOpsError) and cls is not _errors.MissingExtraError:
+            found.setdefault(cls.code, cls)
+    return found
+
+
+_BY_CODE = _error_classes()
+_BY_STATUS: dict[int, type[SLMOpsError]] = {
+    401: _errors.AuthenticationError,
+    403: _errors.PermissionDeniedError,
+    404: _errors.NotFoundError,
+    409: _errors.ConflictError,
+    422: _errors.ConfigError,
+    503: UnavailableError,
+}
+
+
+def error_for(response: httpx.Response) -> SLMOpsError:
+    """The SLMOpsError for an error response, carrying the server's public message."""
+    code, message = "", response.text[:500]
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            code, message = str(body.get("code", "")), str(body.get("message", message))
+    except ValueError:
+        pass
+    if code == "invalid_request":
+        return ConfigError(f"the control plane refused the request: {message}")
+    cls = _BY_CODE.get(code) or _BY_STATUS.get(response.status_code, SLMOpsError)
+    if response.status_code >= 500 and cls not in (UnavailableError,):
+        return SLMOpsError(f"the control plane failed (HTTP {response.status_code}): {message}")
+    return cls(message)
+
+
+class OperatorClient:
+    """The control-plane API for operators. ``base_url`` is the server (``http://host:port``)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        token: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.base_url = (base_url or os.environ.get("SLMOPS_SERVER_URL") or DEFAULT_SERVER_URL).rstrip("/")
+        self.token = token if token is not None else os.environ.get("SLMOPS_TOKEN")
+        self.transport = transport
+        self.timeout_s = timeout_s
+        self._client: httpx.Client | None = None
+
+    def __enter__(self) -> OperatorClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _http(self) -> httpx.Client:
+        if self._client is None:
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            self._client = httpx.Client(
+                base_url=self.base_url + API_PREFIX, headers=headers, transport=self.transport, timeout=self.timeout_s
+            )
+        return self._client
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http().request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise UnavailableError(
+                f"cannot reach the control plane at {self.base_url} ({type(exc).__name__}: {exc}); "
+                "is `slmops server` running? (set --server or SLMOPS_SERVER_URL)"
+            ) from None
+        if response.status_code == 401 and not self.token:
+            raise _errors.AuthenticationError(
+                "the control plane needs a token: pass --token or set SLMOPS_TOKEN "
+                "(create one with `slmops token create --role operator --name NAME`)"
+            )
+        if response.status_code >= 400:
+            raise error_for(response)
+        return response
+
+    def _one(self, model: type[T], method: str, path: str, **kwargs: Any) -> T:
+        return model.model_validate(self._request(method, path, **kwargs).json())
+
+    def _many(self, model: type[T], path: str, **kwargs: Any) -> list[T]:
+        return TypeAdapter(list[model]).validate_python(self._request("GET", path, **kwargs).json())  # type: ignore[valid-type]
+
+    # ------------------------------------------------------------------ devices
+
+    def health(self) -> dict[str, Any]:
+        value: dict[str, Any] = self._request("GET", "/health").json()
+        return value
+
+    def devices(self, state: str | None = None) -> list[DevicePublic]:
+        return self._many(DevicePublic, "/devices", params={"state": state} if state else None)
+
+    def device(self, device_id: str) -> DevicePublic:
+        return self._one(DevicePublic, "GET", f"/devices/{device_id}")
+
+    def device_events(self, device_id: str, limit: int = 20) -> list[DeviceEventPublic]:
+        return self._many(DeviceEventPublic, f"/devices/{device_id}/events", params={"limit": limit})
+
+    def desired(self, device_id: str) -> DesiredState:
+        return self._one(DesiredState, "GET", f"/devices/{device_id}/desired")
+
+    def approve(self, device_id: str) -> DevicePublic:
+        return self._one(DevicePublic, "POST", f"/devices/{device_id}/approve")
+
+    def revoke(self, device_id: str) -> DevicePublic:
+        return self._one(DevicePublic, "POST", f"/devices/{device_id}/revoke")
+
+    def decommission(self, device_id: str) -> DevicePublic:
+        return self._one(DevicePublic, "POST", f"/devices/{device_id}/decommission")
+
+    def label(self, device_id: str, set_labels: dict[str, str], remove: list[str]) -> DevicePublic:
+        body = {"set": set_labels, "remove": remove}
+        return self._one(DevicePublic, "POST", f"/devices/{device_id}/labels", json=body)
+
+    # ------------------------------------------------------------------ tokens
+
+    def create_enrollment_token(
+        self,
+        *,
+        max_uses: int = 1,
+        expires_in_s: float | None = None,
+        auto_approve: bool = False,
+        labels: dict[str, str] | None = None,
+    ) -> EnrollmentTokenCreated:
+        body = {
+            "max_uses": max_uses,
+            "expires_in_s": expires_in_s,
+            "auto_approve": auto_approve,
+            "labels": labels or {},
+        }
+        return self._one(EnrollmentTokenCreated, "POST", "/enrollment-tokens", json=body)
+
+    def enrollment_tokens(self) -> list[EnrollmentTokenPublic]:
+        return self._many(EnrollmentTokenPublic, "/enrollment-tokens")
+
+    def create_token(self, name: str, role: Role) -> ApiTokenCreated:
+        return self._one(ApiTokenCreated, "POST", "/tokens", json={"name": name, "role": role})
+
+    def tokens(self) -> list[ApiTokenPublic]:
+        return self._many(ApiTokenPublic, "/tokens")
+
+    # ------------------------------------------------------------------ blueprints
+
+    def apply(self, source: str) -> ApplyResult:
+        return self._one(ApplyResult, "POST", "/blueprints", json={"source": source})
+
+    def plan(self, source: str) -> PlanPublic:
+        return self._one(PlanPublic, "POST", "/blueprints/plan", json={"source": source})
+
+    def blueprints(self) -> list[BlueprintPublic]:
+        return self._many(BlueprintPublic, "/blueprints")
+
+    def blueprint(self, name: str, revision: int | None = None) -> BlueprintPublic:
+        params = {"revision": revision} if revision is not None else None
+        return self._one(BlueprintPublic, "GET", f"/blueprints/{name}", params=params)

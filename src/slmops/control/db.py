@@ -1,0 +1,96 @@
+"""Control-plane tables, declared on the registry's ``Base`` so one Alembic history covers both.
+
+Times are stored as RFC 3339 UTC strings with second precision (``2025-01-31T12:00:00Z``), like the registry's;
+they sort as text, which the atomic enrollment-token update relies on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from slmops.registry.db import Base
+
+__all__ = ["ApiTokenRow", "BlueprintRow", "DeviceEventRow", "DeviceRow", "EnrollmentTokenRow"]
+
+
+class ApiTokenRow(Base):
+    __tablename__ = "api_tokens"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[str] = mapped_column(String(40))
+    created_by: Mapped[str] = mapped_column(String(64))
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class EnrollmentTokenRow(Base):
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[str] = mapped_column(String(40))
+    created_by: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[str] = mapped_column(String(40))
+    max_uses: Mapped[int] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    auto_approve: Mapped[bool] = mapped_column(Boolean, default=False)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class DeviceRow(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(128), unique=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    credential_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    enrollment_token_id: Mapped[str | None] = mapped_column(String(32))
+    hostname: Mapped[str] = mapped_column(String(255))
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON)
+    capabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
+    device_class: Mapped[str] = mapped_column(String(80))
+    enrolled_at: Mapped[str] = mapped_column(String(40))
+    updated_at: Mapped[str] = mapped_column(String(40))
+    last_seen: Mapped[str | None] = mapped_column(String(40))
+    phase: Mapped[str | None] = mapped_column(String(32))
+    health: Mapped[str | None] = mapped_column(String(16))
+    active_digest: Mapped[str | None] = mapped_column(String(71))
+    previous_digest: Mapped[str | None] = mapped_column(String(71))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    desired_generation: Mapped[str | None] = mapped_column(String(64))
+    agent_version: Mapped[str | None] = mapped_column(String(64))
+
+
+class DeviceEventRow(Base):
+    __tablename__ = "device_events"
+
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    time: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(64))
+    version_digest: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    received_at: Mapped[str] = mapped_column(String(40))
+    seq: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_device_events_device_seq", "device_id", "seq"),)
+
+
+class BlueprintRow(Base):
+    __tablename__ = "blueprints"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, primary_key=True)
+    spec: Mapped[str] = mapped_column(Text)  # the blueprint as canonical JSON
+    source: Mapped[str] = mapped_column(Text)  # the YAML text as applied
+    digest: Mapped[str] = mapped_column(String(71))
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[str] = mapped_column(String(40))
+    current: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (Index("ix_blueprints_current", "current"),)

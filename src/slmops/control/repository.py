@@ -1,0 +1,163 @@
+"""Data access for the control plane. Every method works inside the caller's session and at most flushes;
+the service that owns the session commits once per call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from slmops.control.db import ApiTokenRow, BlueprintRow, DeviceEventRow, DeviceRow, EnrollmentTokenRow
+
+__all__ = ["ControlRepository", "iso", "parse_iso"]
+
+
+def iso(moment: datetime) -> str:
+    """RFC 3339 UTC with second precision; sorts as text."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+class ControlRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    # ------------------------------------------------------------ API tokens
+
+    def add_api_token(self, row: ApiTokenRow) -> None:
+        self.session.add(row)
+        self.session.flush()
+
+    def api_token(self, name: str) -> ApiTokenRow | None:
+        return self.session.get(ApiTokenRow, name)
+
+    def api_token_by_hash(self, token_hash: str) -> ApiTokenRow | None:
+        return self.session.scalar(select(ApiTokenRow).where(ApiTokenRow.token_hash == token_hash))
+
+    def api_tokens(self) -> Sequence[ApiTokenRow]:
+        return self.session.scalars(select(ApiTokenRow).order_by(ApiTokenRow.name)).all()
+
+    # ------------------------------------------------------------ enrollment tokens
+
+    def add_enrollment_token(self, row: EnrollmentTokenRow) -> None:
+        self.session.add(row)
+        self.session.flush()
+
+    def enrollment_token_by_hash(self, token_hash: str) -> EnrollmentTokenRow | None:
+        return self.session.scalar(select(EnrollmentTokenRow).where(EnrollmentTokenRow.token_hash == token_hash))
+
+    def enrollment_tokens(self) -> Sequence[EnrollmentTokenRow]:
+        return self.session.scalars(select(EnrollmentTokenRow).order_by(EnrollmentTokenRow.created_at)).all()
+
+    def consume_enrollment_token(self, token_hash: str, now: str) -> bool:
+        """Count one use, atomically: at most ``max_uses`` concurrent callers ever get True."""
+        result = self.session.execute(
+            update(EnrollmentTokenRow)
+            .where(
+                EnrollmentTokenRow.token_hash == token_hash,
+                EnrollmentTokenRow.uses < EnrollmentTokenRow.max_uses,
+                EnrollmentTokenRow.expires_at > now,
+                EnrollmentTokenRow.revoked.is_(False),
+            )
+            .values(uses=EnrollmentTokenRow.uses + 1)
+            .execution_options(synchronize_session=False)
+        )
+        return getattr(result, "rowcount", 0) == 1
+
+    # ------------------------------------------------------------ devices
+
+    def add_device(self, row: DeviceRow) -> None:
+        self.session.add(row)
+        self.session.flush()
+
+    def device(self, device_id: str) -> DeviceRow | None:
+        return self.session.get(DeviceRow, device_id)
+
+    def device_by_public_key(self, public_key: str) -> DeviceRow | None:
+        return self.session.scalar(select(DeviceRow).where(DeviceRow.public_key == public_key))
+
+    def device_by_credential(self, credential_hash: str) -> DeviceRow | None:
+        return self.session.scalar(select(DeviceRow).where(DeviceRow.credential_hash == credential_hash))
+
+    def devices(self, states: Iterable[str] | None = None) -> Sequence[DeviceRow]:
+        query = select(DeviceRow).order_by(DeviceRow.enrolled_at, DeviceRow.id)
+        if states is not None:
+            query = query.where(DeviceRow.state.in_(list(states)))
+        return self.session.scalars(query).all()
+
+    # ------------------------------------------------------------ device events
+
+    def known_event_ids(self, device_id: str, event_ids: Iterable[str]) -> set[str]:
+        ids = list(event_ids)
+        if not ids:
+            return set()
+        rows = self.session.scalars(
+            select(DeviceEventRow.event_id).where(
+                DeviceEventRow.device_id == device_id, DeviceEventRow.event_id.in_(ids)
+            )
+        )
+        return set(rows)
+
+    def last_event_seq(self, device_id: str) -> int:
+        return (
+            self.session.scalar(
+                select(func.coalesce(func.max(DeviceEventRow.seq), 0)).where(DeviceEventRow.device_id == device_id)
+            )
+            or 0
+        )
+
+    def add_events(self, rows: Iterable[DeviceEventRow]) -> None:
+        self.session.add_all(list(rows))
+        self.session.flush()
+
+    def events(self, device_id: str, limit: int) -> Sequence[DeviceEventRow]:
+        return self.session.scalars(
+            select(DeviceEventRow)
+            .where(DeviceEventRow.device_id == device_id)
+            .order_by(DeviceEventRow.seq.desc())
+            .limit(limit)
+        ).all()
+
+    # ------------------------------------------------------------ blueprints
+
+    def current_blueprints(self) -> Sequence[BlueprintRow]:
+        return self.session.scalars(
+            select(BlueprintRow).where(BlueprintRow.current.is_(True)).order_by(BlueprintRow.name)
+        ).all()
+
+    def current_blueprint(self, name: str) -> BlueprintRow | None:
+        return self.session.scalar(
+            select(BlueprintRow).where(BlueprintRow.name == name, BlueprintRow.current.is_(True))
+        )
+
+    def blueprint_revision(self, name: str, revision: int) -> BlueprintRow | None:
+        return self.session.get(BlueprintRow, (name, revision))
+
+    def blueprint_revisions(self, name: str) -> Sequence[BlueprintRow]:
+        return self.session.scalars(
+            select(BlueprintRow).where(BlueprintRow.name == name).order_by(BlueprintRow.revision)
+        ).all()
+
+    def latest_blueprint_revision(self, name: str) -> int:
+        return (
+            self.session.scalar(
+                select(func.coalesce(func.max(BlueprintRow.revision), 0)).where(BlueprintRow.name == name)
+            )
+            or 0
+        )
+
+    def add_blueprint_revision(self, row: BlueprintRow) -> None:
+        """Add a revision and make it the only current one of its name."""
+        self.session.execute(
+            update(BlueprintRow)
+            .where(BlueprintRow.name == row.name, BlueprintRow.current.is_(True))
+            .values(current=False)
+        )
+        row.current = True
+        self.session.add(row)
+        self.session.flush()

@@ -1,0 +1,176 @@
+"""The wire endpoints agents call (see ``slmops.core.wire``): enroll, claim, desired state, status, blobs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path as FilePath
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import TypeAdapter, ValidationError
+
+from slmops.control._deps import Caller, Plane, errors
+from slmops.control.auth import require_device, require_role
+from slmops.control.ranges import RangeNotSatisfiable, etag_matches, parse_range
+from slmops.control.schemas import ErrorBody, Labels
+from slmops.core.wire import ClaimRequest, DesiredState, EnrollRequest, EnrollResponse, StatusAck, StatusReport
+from slmops.errors import NotFoundError, PermissionDeniedError, SignatureError
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["agents"])
+DeviceId = Annotated[str, Path(min_length=1, max_length=64)]
+Digest = Annotated[str, Path(pattern=r"^sha256:[0-9a-f]{64}$")]
+_LABELS = TypeAdapter(Labels)
+
+
+def _invalid(loc: tuple[str, ...], message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": loc, "msg": message, "type": "value_error"}])
+
+
+@router.post(
+    "/enroll",
+    response_model=EnrollResponse,
+    responses={
+        202: {"model": EnrollResponse, "description": "Enrolled; waiting for approval"},
+        **errors(401, 403, 409, 422),
+    },
+    summary="Enroll a device with an enrollment token",
+)
+def enroll(request: EnrollRequest, plane: Plane) -> JSONResponse:
+    """200 with a credential when the token auto-approves, 202 (pending) otherwise; then poll `/enroll/claim`."""
+    try:
+        _LABELS.validate_python(request.labels)
+    except ValidationError as exc:
+        raise _invalid(("body", "labels"), str(exc.errors()[0]["msg"])) from None
+    try:
+        answer = plane.enroll(request)
+    except SignatureError as exc:
+        raise _invalid(("body", "public_key"), str(exc)) from None
+    status = 200 if answer.state == "approved" else 202
+    return JSONResponse(answer.model_dump(mode="json"), status_code=status)
+
+
+@router.post(
+    "/enroll/claim",
+    response_model=EnrollResponse,
+    responses={202: {"model": EnrollResponse, "description": "Still pending approval"}, **errors(401, 403, 422)},
+    summary="Claim the credential of an approved device, signed by the device key",
+)
+def claim(request: ClaimRequest, plane: Plane) -> JSONResponse:
+    answer = plane.claim(request)
+    return JSONResponse(answer.model_dump(mode="json"), status_code=200 if answer.state == "approved" else 202)
+
+
+@router.get(
+    "/devices/{device_id}/desired",
+    response_model=DesiredState,
+    responses={
+        200: {"headers": {"ETag": {"description": "the generation, quoted", "schema": {"type": "string"}}}},
+        304: {"description": "Not modified: the If-None-Match generation is current"},
+        **errors(401, 403, 404, 422),
+    },
+    summary="The state a device should reach; 304 when unchanged",
+)
+def desired(
+    device_id: DeviceId,
+    principal: Caller,
+    plane: Plane,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    if principal.kind == "device":
+        require_device(principal, device_id)
+    else:
+        require_role(principal, "viewer")
+    state = plane.desired(device_id)
+    etag = f'"{state.generation}"'
+    if etag_matches(if_none_match, etag, weak=True):
+        return Response(status_code=304, headers={"ETag": etag})
+    return JSONResponse(state.model_dump(mode="json"), headers={"ETag": etag})
+
+
+@router.post(
+    "/devices/{device_id}/status",
+    response_model=StatusAck,
+    responses={**errors(401, 403, 404, 409, 422)},
+    summary="Heartbeat: what the device runs, its phase and health, and its events (idempotent by event id)",
+)
+def status(device_id: DeviceId, report: StatusReport, principal: Caller, plane: Plane) -> StatusAck:
+    require_device(principal, device_id)
+    return plane.report_status(device_id, report)
+
+
+_BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
+@router.get(
+    "/blobs/{digest}",
+    response_class=Response,
+    responses={
+        200: {"content": _BYTES, "description": "The whole blob"},
+        206: {"content": _BYTES, "description": "The requested range"},
+        304: {"description": "Not modified"},
+        416: {"model": ErrorBody, "description": "Range not satisfiable"},
+        **errors(401, 403, 404, 422),
+    },
+    summary="Blob bytes by digest, with Range / If-Range / ETag",
+)
+def blob(
+    digest: Digest,
+    principal: Caller,
+    plane: Plane,
+    range: Annotated[str | None, Header()] = None,
+    if_range: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    if principal.kind == "device":
+        if not plane.blob_allowed(principal.name, digest):
+            raise PermissionDeniedError(
+                f"blob {digest} is not a file of the model version this device's desired state names"
+            )
+    else:
+        require_role(principal, "viewer")
+    path = plane.registry.blob_path(digest)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise NotFoundError(f"blob {digest} is not on this server") from None
+    etag = f'"{digest.removeprefix("sha256:")}"'
+    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, max-age=31536000, immutable"}
+    if etag_matches(if_none_match, etag, weak=True):
+        return Response(status_code=304, headers=headers)
+    start, length, status_code = 0, size, 200
+    if range is not None and (if_range is None or etag_matches(if_range, etag, weak=False)):
+        try:
+            wanted = parse_range(range, size)
+        except RangeNotSatisfiable as exc:
+            body = ErrorBody(code="range_not_satisfiable", message=str(exc)).model_dump_json()
+            return Response(
+                body, status_code=416, media_type="application/json", headers={"Content-Range": f"bytes */{size}"}
+            )
+        start, length, status_code = wanted.start, wanted.length, 206
+        headers["Content-Range"] = wanted.content_range(size)
+    headers["Content-Length"] = str(length)
+    chunk = plane.settings.blob_chunk_bytes
+    return StreamingResponse(
+        _read(path, start, length, chunk),
+        status_code=status_code,
+        media_type="application/octet-stream",
+        headers=headers,
+    )
+
+
+def _read(path: FilePath, start: int, length: int, chunk_bytes: int) -> Iterator[bytes]:
+    """Chunks of a file; each chunk opens and closes the file, so an abandoned download leaks no handle."""
+    offset, remaining = start, length
+    while remaining > 0:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            data = handle.read(min(chunk_bytes, remaining))
+        if not data:
+            return
+        offset += len(data)
+        remaining -= len(data)
+        yield data

@@ -1,0 +1,41 @@
+"""Control-plane settings from ``SLMOPS_`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from slmops.config import Settings
+
+__all__ = ["ServerSettings"]
+
+
+class ServerSettings(BaseSettings):
+    """How ``slmops server`` runs.
+
+    It shares ``SLMOPS_HOME`` (database, blob directory, signing keys) and ``SLMOPS_DATABASE_URL`` with the
+    registry: the control plane serves the registry's blobs and manifests and keeps its own tables in the same
+    database.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_", frozen=True, extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".slmops")
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    device_poll_interval_s: float = Field(default=30.0, gt=0)
+    device_offline_after_s: float = Field(default=90.0, gt=0)  # no heartbeat for this long: offline ...
+    device_offline_grace_s: float = Field(default=30.0, ge=0)  # ... plus this grace
+    enroll_claim_max_skew_s: float = Field(default=300.0, gt=0)
+    enrollment_token_default_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    blob_chunk_bytes: int = Field(default=1 << 20, ge=4096)
+
+    def registry_settings(self) -> Settings:
+        return Settings(home=self.home, database_url=self.database_url)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.registry_settings().resolved_database_url

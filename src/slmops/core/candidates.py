@@ -1,0 +1,67 @@
+"""Turn registered model versions into variant-chooser candidates for one device class (pure; no I/O).
+
+The optimizer stores its measurements in each variant's manifest metrics: ``perplexity``, ``accuracy``,
+``size_bytes``, ``peak_rss_bytes``, ``decode_tokens_per_s`` (measured at the evaluation's own thread count) and, per
+device profile, ``peak_rss_bytes@<profile>``, ``decode_tokens_per_s@<profile>``, ... This module reads them back:
+
+- memory: the measured peak RSS for the profile, else the overall measured peak RSS, else the manifest's estimate at
+  ``context_tokens`` (the smallest estimated context at least that long, else the largest one, else the load
+  estimate);
+- decode speed: only the profile's own measurement (``decode_tokens_per_s@<profile>``); a speed measured for another
+  thread count is not this class's speed, so it is left unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from slmops.core.device_profiles import DeviceProfile
+from slmops.core.manifest import Manifest, SignedManifest
+from slmops.core.selection import VariantCandidate
+
+__all__ = ["candidate_from_manifest", "candidates_from_manifests", "estimated_memory_bytes", "profile_metric"]
+
+
+def profile_metric(metric: str, profile: str) -> str:
+    """The manifest metric key of ``metric`` measured for a device profile, e.g. ``decode_tokens_per_s@pi5-8gb``."""
+    return f"{metric}@{profile}"
+
+
+def estimated_memory_bytes(manifest: Manifest, context_tokens: int) -> int:
+    runs = sorted(manifest.requirements.memory_run, key=lambda r: r.context_tokens)
+    for run in runs:
+        if run.context_tokens >= context_tokens:
+            return run.bytes
+    if runs:
+        return runs[-1].bytes
+    return manifest.requirements.memory_load_bytes
+
+
+def _label(manifest: Manifest) -> str:
+    label = f"{manifest.name}@{manifest.version}"
+    return f"{label} ({manifest.variant})" if manifest.variant else label
+
+
+def candidate_from_manifest(
+    envelope: SignedManifest, profile: DeviceProfile, context_tokens: int = 2048
+) -> VariantCandidate:
+    m = envelope.manifest
+    metrics = m.metrics
+    memory = metrics.get(profile_metric("peak_rss_bytes", profile.name), metrics.get("peak_rss_bytes"))
+    return VariantCandidate(
+        digest=envelope.digest,
+        label=_label(m),
+        size_bytes=m.total_size,
+        memory_bytes=int(memory) if memory is not None else estimated_memory_bytes(m, context_tokens),
+        perplexity=metrics.get("perplexity"),
+        accuracy=metrics.get("accuracy"),
+        decode_tokens_per_s=metrics.get(profile_metric("decode_tokens_per_s", profile.name)),
+    )
+
+
+def candidates_from_manifests(
+    envelopes: Iterable[SignedManifest], profile: DeviceProfile, context_tokens: int = 2048
+) -> list[VariantCandidate]:
+    """One candidate per version, in a stable order (by digest); versions of other formats are kept as they are."""
+    unique = {e.digest: e for e in envelopes}
+    return [candidate_from_manifest(unique[d], profile, context_tokens) for d in sorted(unique)]

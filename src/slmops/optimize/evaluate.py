@@ -1,0 +1,250 @@
+"""Evaluation of a GGUF variant: perplexity, task accuracy, size, and memory and speed per device profile.
+
+- Perplexity: the text is tokenized once (with the source model) and the same token ids are scored for every
+  variant. They are cut into chunks of ``context_tokens``; each chunk starts from an empty cache (its first token
+  replaced by BOS when the model adds one), and only the second half of each chunk is scored, so every scored token
+  has at least half a context before it (llama.cpp's ``llama-perplexity`` does the same). Logits are requested for
+  at most ``max_outputs`` positions per decode call and reduced to one log-probability each at once: memory is
+  bounded by ``max_outputs × vocabulary`` floats, never by the text length.
+- Accuracy: each multiple-choice item is scored by the summed log-likelihood of each option after the prompt (no
+  sampling, no instruction following needed, so base models can be scored); the highest wins.
+- Memory and speed: measured in a child process per distinct thread count (see :mod:`slmops.optimize._probe`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slmops.core.candidates import profile_metric
+from slmops.core.device_profiles import DeviceProfile
+from slmops.errors import RuntimeBackendError
+from slmops.optimize._data import TaskItem
+
+__all__ = [
+    "EvalTokens",
+    "Measurement",
+    "TaskTokens",
+    "accuracy",
+    "machine_label",
+    "measure",
+    "perplexity",
+    "profile_metrics",
+    "tokenize_for_eval",
+]
+
+Progress = Callable[[float, float], None]
+
+
+@dataclass(frozen=True)
+class TaskTokens:
+    prompt: tuple[int, ...]
+    options: tuple[tuple[int, ...], ...]
+    answer: int
+
+
+@dataclass(frozen=True)
+class EvalTokens:
+    """Everything evaluation feeds a model, as token ids of the source model: identical for every variant."""
+
+    text: tuple[int, ...]
+    tasks: tuple[TaskTokens, ...] = ()
+
+
+def tokenize_for_eval(model_path: Path, text: str, max_tokens: int, tasks: Sequence[TaskItem]) -> EvalTokens:
+    from slmops.optimize._llama import LlamaSession
+
+    with LlamaSession(model_path, vocab_only=True) as s:
+        ids = tuple(s.tokenize(text)[:max_tokens])
+        prefix = (s.bos,) if s.add_bos and s.bos is not None else ()
+        task_tokens = tuple(
+            TaskTokens(
+                prompt=prefix + tuple(s.tokenize(t.prompt)),
+                options=tuple(tuple(s.tokenize(o)) for o in t.options),
+                answer=t.answer,
+            )
+            for t in tasks
+        )
+    return EvalTokens(ids, task_tokens)
+
+
+def perplexity(
+    model_path: Path,
+    tokens: Sequence[int],
+    *,
+    context_tokens: int = 512,
+    threads: int = 2,
+    max_outputs: int = 64,
+    progress: Progress | None = None,
+) -> tuple[float, int]:
+    """(perplexity, number of scored tokens) of ``tokens`` under the model."""
+    from slmops.optimize._llama import LlamaSession, log_softmax_at
+
+    n_chunks = len(tokens) // context_tokens
+    if n_chunks < 1:
+        raise RuntimeBackendError(
+            f"perplexity needs at least one full chunk of {context_tokens} tokens; the text gave {len(tokens)}. "
+            "Use a longer text, a larger max_tokens or a smaller context_tokens"
+        )
+    total_nll = 0.0
+    scored = 0
+    first = context_tokens // 2
+    with LlamaSession(model_path, n_ctx=context_tokens, n_threads=threads, max_outputs=max_outputs) as s:
+        for c in range(n_chunks):
+            chunk = list(tokens[c * context_tokens : (c + 1) * context_tokens])
+            if s.add_bos and s.bos is not None:
+                chunk[0] = s.bos
+            s.clear()
+            for start in range(0, context_tokens, max_outputs):
+                part = chunk[start : start + max_outputs]
+                # position i predicts token i + 1; score predictions of tokens first .. end
+                want = [first - 1 <= start + i < context_tokens - 1 for i in range(len(part))]
+                logits = s.decode(part, start, want)
+                if logits is None:
+                    continue
+                targets = [chunk[start + i + 1] for i, w in enumerate(want) if w]
+                logp = log_softmax_at(logits, targets)
+                total_nll -= float(logp.sum())
+                scored += len(targets)
+            if progress is not None:
+                progress(c + 1, n_chunks)
+    return math.exp(total_nll / scored), scored
+
+
+def accuracy(
+    model_path: Path,
+    tasks: Sequence[TaskTokens],
+    *,
+    threads: int = 2,
+    context_tokens: int = 512,
+    progress: Progress | None = None,
+) -> float:
+    """Fraction of items whose correct option has the highest summed log-likelihood after the prompt."""
+    from slmops.optimize._llama import LlamaSession, log_softmax_at
+
+    if not tasks:
+        raise RuntimeBackendError("no task items to score")
+    correct = 0
+    batch = 64
+    with LlamaSession(model_path, n_ctx=context_tokens, n_threads=threads, max_outputs=batch) as s:
+        for index, item in enumerate(tasks):
+            s.clear()
+            prompt = list(item.prompt)
+            last: Any = None
+            for start in range(0, len(prompt), batch):
+                part = prompt[start : start + batch]
+                is_last = start + batch >= len(prompt)
+                last = s.decode(part, start, [False] * (len(part) - 1) + [is_last])
+            assert last is not None
+            scores: list[float] = []
+            for option in item.options:
+                s.forget_from(len(prompt))
+                logp = float(log_softmax_at(last, [option[0]])[0])
+                if len(option) > 1:
+                    body = list(option[:-1])
+                    logits = s.decode(body, len(prompt), [True] * len(body))
+                    assert logits is not None
+                    logp += float(log_softmax_at(logits, list(option[1:])).sum())
+                scores.append(logp)
+            if max(range(len(scores)), key=lambda k: scores[k]) == item.answer:
+                correct += 1
+            if progress is not None:
+                progress(index + 1, len(tasks))
+    return correct / len(tasks)
+
+
+# ------------------------------------------------------------------------------------------- memory and speed
+
+
+def machine_label() -> str:
+    """This machine, as speeds are labelled: CPU model and core count."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = os.cpu_count() or 1
+    return f"{model}, {cores} core{'s' if cores != 1 else ''}"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    threads: int
+    load_s: float
+    peak_rss_load_bytes: int
+    peak_rss_bytes: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def measure(
+    model_path: Path,
+    prompt: Sequence[int],
+    *,
+    threads: int,
+    context_tokens: int,
+    decode_tokens: int,
+    timeout_s: float = 600.0,
+) -> Measurement:
+    """Load, prefill ``prompt`` and decode ``decode_tokens`` greedily in a fresh child process; its peak RSS is
+    the kernel's high-water mark (``VmHWM``) after loading and at the end: interpreter, llama.cpp and model."""
+    with tempfile.TemporaryDirectory(prefix="slmops-probe-") as tmp:
+        spec = Path(tmp) / "probe.json"
+        spec.write_text(
+            json.dumps(
+                {
+                    "model": str(model_path),
+                    "prompt": list(prompt),
+                    "threads": threads,
+                    "context_tokens": context_tokens,
+                    "decode_tokens": decode_tokens,
+                }
+            ),
+            encoding="utf-8",
+        )
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "slmops.optimize._probe", str(spec)],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeBackendError(f"measuring {model_path} took longer than {timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        tail = (done.stderr or "").strip().splitlines()[-3:]
+        raise RuntimeBackendError(f"the measurement process for {model_path} failed: {' | '.join(tail)}")
+    raw = json.loads(done.stdout.strip().splitlines()[-1])
+    return Measurement(
+        threads=threads,
+        load_s=raw["load_s"],
+        peak_rss_load_bytes=raw["peak_rss_load_bytes"],
+        peak_rss_bytes=raw["peak_rss_bytes"],
+        prefill_tokens_per_s=raw["prefill_tokens_per_s"],
+        decode_tokens_per_s=raw["decode_tokens_per_s"],
+    )
+
+
+def profile_metrics(profile: DeviceProfile, m: Measurement) -> dict[str, float]:
+    return {
+        profile_metric("threads", profile.name): float(m.threads),
+        profile_metric("load_s", profile.name): m.load_s,
+        profile_metric("peak_rss_load_bytes", profile.name): float(m.peak_rss_load_bytes),
+        profile_metric("peak_rss_bytes", profile.name): float(m.peak_rss_bytes),
+        profile_metric("prefill_tokens_per_s", profile.name): m.prefill_tokens_per_s,
+        profile_metric("decode_tokens_per_s", profile.name): m.decode_tokens_per_s,
+    }

@@ -1,0 +1,369 @@
+"""Run a recipe: make every variant (cached), evaluate it, and register it with its lineage and metrics.
+
+Cache (under ``$SLMOPS_HOME/optimize-cache``):
+
+- ``steps/<key>/``: the output of one pass, where ``key`` = sha256 of (input file digest, pass name, pass version,
+  canonical parameters), with ``result.json`` (output file, its digest, the pass report). A directory appears there
+  only complete (built in a temporary directory, then renamed), so a killed run leaves nothing half-made.
+- ``evals/<key>.json``: the metrics of one file under one evaluation setting on this machine, keyed by (file digest,
+  evaluation settings, machine label).
+
+A re-run of the same recipe therefore runs no pass, evaluates nothing, and registers nothing new (the registry
+returns the existing versions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slmops.config import Settings
+from slmops.core.device_profiles import DEVICE_PROFILES
+from slmops.core.manifest import Lineage, RecipeStep, SignedManifest, Source, canonical_json, digest_bytes
+from slmops.core.manifest import Recipe as LineageRecipe
+from slmops.core.requirements import estimate_requirements
+from slmops.errors import InvalidModelError
+from slmops.optimize.passes import PassProgress, get_pass
+from slmops.optimize.recipe import EvaluationSpec, Recipe
+from slmops.registry.blobstore import hash_file
+from slmops.registry.service import Registry
+
+__all__ = ["ProgressFactory", "RunResult", "VariantOutcome", "cache_dir", "evaluate_file", "run_recipe"]
+
+ProgressFactory = Callable[[str], PassProgress]
+"""Given a description (``"q8_0: quantize"``), returns the callback that pass reports its progress to."""
+
+
+def _quiet(description: str) -> PassProgress:
+    return lambda done, total: None
+
+
+def cache_dir(settings: Settings | None = None) -> Path:
+    return (settings or Settings()).resolved_home / "optimize-cache"
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    pass_name: str
+    params: dict[str, Any]
+    cached: bool
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class VariantOutcome:
+    name: str
+    envelope: SignedManifest
+    created: bool
+    metrics: dict[str, float]
+    steps: list[StepOutcome]
+    evaluation_cached: bool
+
+
+@dataclass(frozen=True)
+class RunResult:
+    recipe: str
+    source: SignedManifest
+    source_metrics: dict[str, float]
+    variants: list[VariantOutcome]
+    measured_on: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "measured_on": self.measured_on,
+            "source": {
+                "digest": self.source.digest,
+                "version": self.source.manifest.version,
+                "metrics": self.source_metrics,
+            },
+            "variants": [
+                {
+                    "name": v.name,
+                    "version": v.envelope.manifest.version,
+                    "digest": v.envelope.digest,
+                    "created": v.created,
+                    "evaluation_cached": v.evaluation_cached,
+                    "metrics": v.metrics,
+                    "steps": [
+                        {"pass": s.pass_name, "params": s.params, "cached": s.cached, "report": s.report}
+                        for s in v.steps
+                    ],
+                }
+                for v in self.variants
+            ],
+            "notes": self.notes,
+        }
+
+
+def _atomic_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(json.dumps(value, indent=1, sort_keys=True).encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _StepCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root / "steps"
+
+    def run(
+        self, input_path: Path, input_digest: str, pass_name: str, raw_params: dict[str, Any], progress: PassProgress
+    ) -> tuple[Path, str, StepOutcome]:
+        the_pass = get_pass(pass_name)
+        params = the_pass.parse_params(raw_params)
+        canonical = the_pass.canonical_params(params)
+        key = digest_bytes(
+            canonical_json({"input": input_digest, "pass": pass_name, "version": the_pass.version, "params": canonical})
+        ).removeprefix("sha256:")
+        final = self.root / key
+        if (final / "result.json").exists():
+            done = json.loads((final / "result.json").read_text(encoding="utf-8"))
+            output = final / done["output"]
+            if output.exists():
+                progress(1, 1)
+                return output, done["digest"], StepOutcome(pass_name, canonical, True, done["report"])
+        self.root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="tmp-", dir=self.root))
+        try:
+            result = the_pass.run(input_path, params, work, progress)
+            output = result.output_path.resolve()
+            if not output.is_relative_to(work.resolve()):
+                raise InvalidModelError(f"pass '{pass_name}' wrote its output outside its work directory: {output}")
+            digest = hash_file(output).digest
+            relative = output.relative_to(work.resolve()).as_posix()
+            _atomic_json(work / "result.json", {"output": relative, "digest": digest, "report": result.report})
+            try:
+                os.replace(work, final)
+            except OSError:  # another run finished the same step first; keep theirs
+                shutil.rmtree(work, ignore_errors=True)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return final / relative, digest, StepOutcome(pass_name, canonical, False, result.report)
+
+
+def _threads(spec: EvaluationSpec) -> int:
+    return spec.threads or max(1, os.cpu_count() or 1)
+
+
+def _eval_key(file_digest: str, spec: EvaluationSpec, token_digest: str, machine: str) -> str:
+    settings = spec.model_dump(mode="json")
+    value = {"file": file_digest, "settings": settings, "tokens": token_digest, "machine": machine, "v": 1}
+    return digest_bytes(canonical_json(value)).removeprefix("sha256:")
+
+
+def evaluate_file(
+    path: Path,
+    tokens: Any,
+    spec: EvaluationSpec,
+    *,
+    progress_factory: ProgressFactory = _quiet,
+    label: str = "model",
+) -> dict[str, float]:
+    """Every metric of one GGUF file (see the module docstring of :mod:`slmops.optimize.evaluate`)."""
+    from slmops.optimize.evaluate import accuracy, measure, perplexity, profile_metrics
+    from slmops.registry.formats.gguf import gguf_facts, read_gguf
+
+    threads = _threads(spec)
+    info = read_gguf(path)
+    facts = gguf_facts(info)
+    metrics: dict[str, float] = {"size_bytes": float(path.stat().st_size)}
+    ppl, scored = perplexity(
+        path, tokens.text, context_tokens=spec.context_tokens, threads=threads,
+        progress=progress_factory(f"{label}: perplexity"),
+    )  # fmt: skip
+    metrics["perplexity"] = ppl
+    metrics["perplexity_tokens"] = float(scored)
+    if tokens.tasks:
+        metrics["accuracy"] = accuracy(
+            path, tokens.tasks, threads=threads, context_tokens=spec.context_tokens,
+            progress=progress_factory(f"{label}: tasks"),
+        )  # fmt: skip
+        metrics["accuracy_items"] = float(len(tokens.tasks))
+    requirements = estimate_requirements(facts, sum(t.nbytes for t in info.tensors))
+    runs = [r for r in requirements.memory_run if r.context_tokens >= spec.context_tokens]
+    estimate = runs[0].bytes if runs else requirements.memory_load_bytes
+    prompt = list(tokens.text[: spec.speed_prompt_tokens])
+    measured: dict[int, Any] = {}
+    speed = progress_factory(f"{label}: memory and speed")
+    cores = max(1, os.cpu_count() or 1)
+    profiles = [DEVICE_PROFILES[name] for name in spec.device_profiles]
+    for index, profile in enumerate(profiles):
+        if estimate > profile.memory_bytes:
+            metrics[f"fits@{profile.name}"] = 0.0
+            continue
+        metrics[f"fits@{profile.name}"] = 1.0
+        effective = min(profile.threads, cores)
+        if effective not in measured:
+            measured[effective] = measure(
+                path, prompt, threads=effective, context_tokens=spec.context_tokens,
+                decode_tokens=spec.speed_decode_tokens,
+            )  # fmt: skip
+        metrics.update(profile_metrics(profile, measured[effective]))
+        speed(index + 1, len(profiles))
+    if threads not in measured:
+        measured[threads] = measure(
+            path, prompt, threads=threads, context_tokens=spec.context_tokens, decode_tokens=spec.speed_decode_tokens
+        )
+    own = measured[threads]
+    metrics.update(
+        {
+            "threads": float(threads),
+            "load_s": own.load_s,
+            "peak_rss_load_bytes": float(own.peak_rss_load_bytes),
+            "peak_rss_bytes": float(own.peak_rss_bytes),
+            "prefill_tokens_per_s": own.prefill_tokens_per_s,
+            "decode_tokens_per_s": own.decode_tokens_per_s,
+            "estimated_memory_bytes": float(estimate),
+        }
+    )
+    speed(1, 1)
+    return metrics
+
+
+def _lineage_parent(
+    chain: tuple[tuple[str, str], ...], made: dict[tuple[tuple[str, str], ...], SignedManifest], source: SignedManifest
+) -> tuple[SignedManifest, int]:
+    """The registered variant whose chain is the longest proper prefix of ``chain`` (else the source), and how many
+    steps of ``chain`` it already covers."""
+    for length in range(len(chain) - 1, 0, -1):
+        parent = made.get(chain[:length])
+        if parent is not None:
+            return parent, length
+    return source, 0
+
+
+def run_recipe(
+    registry: Registry,
+    recipe: Recipe,
+    *,
+    settings: Settings | None = None,
+    progress_factory: ProgressFactory = _quiet,
+    on_variant: Callable[[VariantOutcome], None] | None = None,
+) -> RunResult:
+    """Make, evaluate and register every variant of ``recipe``; see the module docstring for caching."""
+    from slmops.optimize._data import load_tasks, read_text
+    from slmops.optimize.evaluate import machine_label, tokenize_for_eval
+    from slmops.registry.formats.gguf import gguf_facts, read_gguf
+
+    source = registry.resolve(recipe.source)
+    manifest = source.manifest
+    if manifest.format != "gguf" or len(manifest.files) != 1:
+        raise InvalidModelError(
+            f"{manifest.name}@{manifest.version} is {manifest.format} with {len(manifest.files)} files; the GGUF "
+            "passes need a single-file GGUF source (torch passes for safetensors sources are not there yet)"
+        )
+    root = cache_dir(settings)
+    steps_cache = _StepCache(root)
+    source_file = manifest.files[0]
+    source_path = registry.blob_path(source_file.digest)
+    spec = recipe.evaluation
+    machine = machine_label()
+    tasks = load_tasks(spec.tasks, recipe.base_dir)[: spec.max_tasks] if spec.tasks else []
+    tokens = tokenize_for_eval(source_path, read_text(spec.text, recipe.base_dir), spec.max_tokens, tasks)
+    token_digest = digest_bytes(
+        canonical_json(
+            [list(tokens.text), [[list(t.prompt), [list(o) for o in t.options], t.answer] for t in tokens.tasks]]
+        )
+    )
+
+    def evaluate(path: Path, digest: str, label: str) -> tuple[dict[str, float], bool]:
+        key_file = root / "evals" / f"{_eval_key(digest, spec, token_digest, machine)}.json"
+        if key_file.exists():
+            return json.loads(key_file.read_text(encoding="utf-8"))["metrics"], True
+        metrics = evaluate_file(path, tokens, spec, progress_factory=progress_factory, label=label)
+        _atomic_json(key_file, {"metrics": metrics, "measured_on": machine, "file": digest})
+        return metrics, False
+
+    notes = [
+        f"speeds and peak RSS measured on {machine}; a profile's thread count is capped at this machine's cores "
+        "(the threads@PROFILE metric says how many were used)",
+        f"perplexity on {spec.text}: {len(tokens.text)} tokens, chunks of {spec.context_tokens}, second half of each "
+        "chunk scored; the same token ids for every variant",
+    ]
+    source_metrics: dict[str, float] = {}
+    if spec.evaluate_source:
+        source_metrics, _ = evaluate(source_path, source_file.digest, f"{manifest.name}@{manifest.version}")
+        _atomic_json(
+            root / "sources" / f"{source.digest.removeprefix('sha256:')}.json",
+            {"metrics": source_metrics, "measured_on": machine, "settings": spec.model_dump(mode="json")},
+        )
+
+    output_name = recipe.output_name or manifest.name
+    made: dict[tuple[tuple[str, str], ...], SignedManifest] = {}
+    outcomes: list[VariantOutcome] = []
+    for variant in recipe.variants:
+        current_path, current_digest = source_path, source_file.digest
+        chain: list[tuple[str, str]] = []
+        step_outcomes: list[StepOutcome] = []
+        for step in variant.passes:
+            current_path, current_digest, outcome = steps_cache.run(
+                current_path, current_digest, step.pass_name, step.params,
+                progress_factory(f"{variant.name}: {step.pass_name}"),
+            )  # fmt: skip
+            step_outcomes.append(outcome)
+            chain.append((outcome.pass_name, canonical_json(outcome.params).decode()))
+        metrics, eval_cached = evaluate(current_path, current_digest, variant.name)
+        key = tuple(chain)
+        parent, covered = _lineage_parent(key, made, source)
+        info = read_gguf(current_path)
+        lineage = Lineage(
+            parents=[parent.digest],
+            recipe=LineageRecipe(
+                name=recipe.name,
+                steps=[RecipeStep(pass_name=s.pass_name, params=s.params) for s in step_outcomes[covered:]],
+            ),
+        )
+        result = registry.register(
+            output_name,
+            "gguf",
+            {f"{output_name}-{variant.name}.gguf": current_path},
+            facts=gguf_facts(info),
+            runtime=manifest.runtime,
+            weight_bytes=info.file_size,
+            source=Source(kind="derived", origin=parent.digest),
+            lineage=lineage,
+            variant=variant.name,
+            license=manifest.license,
+            metrics=metrics,
+        )
+        made[key] = result.envelope
+        outcome_v = VariantOutcome(variant.name, result.envelope, result.created, metrics, step_outcomes, eval_cached)
+        outcomes.append(outcome_v)
+        if on_variant is not None:
+            on_variant(outcome_v)
+    return RunResult(recipe.name, source, source_metrics, outcomes, machine, notes)
+
+
+def source_metrics_for(digest: str, settings: Settings | None = None) -> dict[str, Any] | None:
+    """The source model's metrics recorded by the last run that evaluated it (its manifest is immutable)."""
+    path = cache_dir(settings) / "sources" / f"{digest.removeprefix('sha256:')}.json"
+    if not path.exists():
+        return None
+    value: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return value

@@ -1,0 +1,306 @@
+"""Inference backends: one small interface in front of an inference engine, and its llama.cpp implementation.
+
+A backend is not thread-safe: :class:`slmops.runtime.host.ModelHost` serializes calls to each backend it holds.
+Prompts and generated text stay in memory; nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from slmops.errors import MissingExtraError, RuntimeBackendError
+
+if TYPE_CHECKING:
+    import llama_cpp
+
+__all__ = ["Backend", "BackendConfig", "Completion", "LlamaCppBackend", "TextStream"]
+
+
+def _import_llama_cpp() -> Any:
+    """Import llama_cpp; first make OpenMP threads sleep rather than spin while they wait (unless the user chose).
+
+    llama.cpp's OpenMP threads busy-wait by default. On a device whose cores are also busy with other work that
+    collapses throughput: gemma3-270m on 2 threads of a loaded 2-core VM decoded 31 tokens in 30 s spinning and
+    8.6 tokens/s with ``OMP_WAIT_POLICY=passive``. The variable only counts before the OpenMP runtime loads,
+    i.e. before the first ``import llama_cpp`` in the process.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise MissingExtraError("llama", "running GGUF models", "llama-cpp-python") from exc
+    return llama_cpp
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """How to load a model: context window, CPU threads (None: llama.cpp's default), sampling seed, batch size."""
+
+    context_tokens: int = 2048
+    threads: int | None = None
+    seed: int = 0
+    batch_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+class TextStream(Iterator[str]):
+    """The text pieces of one generation, in order; the usage is known once the stream is exhausted.
+
+    After the last piece, ``finish_reason`` is "stop" or "length" (None before, or if the stream was closed early),
+    ``prompt_tokens`` is the prompt's length and ``completion_tokens`` the number of sampled tokens (an
+    end-of-generation token counts). ``close()`` stops the generation early and frees the backend.
+    Any iterator of pieces can be wrapped: ``TextStream(iter(["a", "b"]), prompt_tokens=3)``; the producer sets
+    the fields as it goes.
+    """
+
+    def __init__(self, pieces: Iterator[str], *, prompt_tokens: int = 0) -> None:
+        self._pieces = pieces
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._on_close: list[Callable[[], None]] = []
+        self._closed = False
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        if self._closed:
+            raise StopIteration
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            self.close()
+            raise
+        except BaseException:
+            self.close()
+            raise
+
+    def call_on_close(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once, when the stream is exhausted, fails or is closed."""
+        self._on_close.append(callback)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self._pieces, "close", None)
+            if close is not None:
+                close()
+        finally:
+            callbacks, self._on_close = self._on_close, []
+            for callback in callbacks:
+                callback()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model that completes prompts. Not thread-safe; see :class:`~slmops.runtime.host.ModelHost`."""
+
+    model_id: str
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[str],
+        seed: int | None = None,
+    ) -> Completion: ...
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[str],
+        seed: int | None = None,
+    ) -> TextStream: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class LlamaCppBackend:
+    """A GGUF model run by llama.cpp (llama-cpp-python), on the CPU.
+
+    ``count_tokens(prompt)`` is the number of tokens the prompt occupies in the context, beginning-of-sequence
+    token included. Special-token text in the prompt (``<start_of_turn>``) is parsed as special tokens, as chat
+    templates need; a ``bos_token`` written by the template is not doubled by the one llama.cpp adds.
+    ``max_tokens`` is cut to what fits in the context window (then ``finish_reason`` is "length"); a prompt that
+    does not fit at all raises :class:`RuntimeBackendError`.
+    """
+
+    def __init__(self, llama: llama_cpp.Llama, model_id: str, config: BackendConfig) -> None:
+        self._llama = llama
+        self.model_id = model_id
+        self.config = config
+        self._closed = False
+
+    @classmethod
+    def load(cls, model_path: Path, model_id: str, config: BackendConfig) -> LlamaCppBackend:
+        llama_cpp = _import_llama_cpp()
+        if not model_path.is_file():
+            raise RuntimeBackendError(
+                f"cannot load model '{model_id}': expected a GGUF file at {model_path}, found none"
+            )
+        try:
+            llama = llama_cpp.Llama(
+                str(model_path),
+                n_ctx=config.context_tokens,
+                n_batch=config.batch_tokens,
+                n_ubatch=config.batch_tokens,
+                n_threads=config.threads,
+                n_threads_batch=config.threads,
+                seed=config.seed,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise RuntimeBackendError(
+                f"llama.cpp could not load model '{model_id}' from {model_path} ({exc}); expected a complete GGUF "
+                "model of an architecture llama.cpp supports: verify the file (slmops model verify) or re-import it"
+            ) from exc
+        return cls(llama, model_id, config)
+
+    @property
+    def context_tokens(self) -> int:
+        return int(self._llama.n_ctx())
+
+    def _require_open(self) -> llama_cpp.Llama:
+        if self._closed:
+            raise RuntimeBackendError(f"model '{self.model_id}' was unloaded; retry the request")
+        return self._llama
+
+    def _tokens(self, text: str) -> list[int]:
+        llama = self._require_open()
+        tokens: list[int] = llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        bos = llama.token_bos()
+        if len(tokens) >= 2 and tokens[0] == tokens[1] == bos:
+            tokens = tokens[1:]
+        return tokens
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokens(text))
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[str],
+        seed: int | None = None,
+    ) -> TextStream:
+        llama = self._require_open()
+        tokens = self._tokens(prompt)
+        room = self.context_tokens - len(tokens)
+        if room <= 0:
+            raise RuntimeBackendError(
+                f"the prompt has {len(tokens)} tokens; model '{self.model_id}' has a context of "
+                f"{self.context_tokens} tokens: shorten the prompt"
+            )
+        if max_tokens < 1:
+            raise RuntimeBackendError(f"max_tokens must be at least 1, got {max_tokens}")
+        n_prompt = len(tokens)
+        limit = min(max_tokens, room)
+        sampled = [0]
+        capped = [False]
+
+        def count(input_ids: Any, _logits: Any) -> bool:
+            # Called before each sampled token is yielded, with the tokens evaluated so far (prompt included, the
+            # new token not yet), and once more at the end. llama-cpp-python lets a stream run past max_tokens while
+            # a UTF-8 character is incomplete; stopping here makes max_tokens a hard bound.
+            number = len(input_ids) - n_prompt + 1
+            if number > limit:
+                capped[0] = True
+                return True
+            sampled[0] = max(sampled[0], number)
+            return False
+
+        import llama_cpp
+
+        chunks: Iterator[Any] = llama.create_completion(
+            tokens,
+            max_tokens=limit,
+            temperature=temperature,
+            top_p=top_p,
+            stop=[s for s in stop if s],
+            stream=True,
+            seed=self.config.seed if seed is None else seed,
+            stopping_criteria=llama_cpp.StoppingCriteriaList([count]),
+        )  # type: ignore[assignment]
+
+        def pieces() -> Iterator[str]:
+            try:
+                for chunk in chunks:
+                    choice = chunk["choices"][0]
+                    result.completion_tokens = sampled[0]
+                    if choice.get("finish_reason"):
+                        reason = str(choice["finish_reason"])
+                        result.finish_reason = reason if reason in ("stop", "length") else "stop"
+                    if choice["text"]:
+                        yield str(choice["text"])
+                result.completion_tokens = sampled[0]
+                if capped[0]:
+                    result.finish_reason = "length"
+                elif result.finish_reason is None:
+                    result.finish_reason = "stop"
+            except (ValueError, RuntimeError) as exc:
+                raise RuntimeBackendError(f"llama.cpp failed while generating with '{self.model_id}': {exc}") from exc
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+
+        result = TextStream(pieces(), prompt_tokens=len(tokens))
+        return result
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[str],
+        seed: int | None = None,
+    ) -> Completion:
+        with self.stream(
+            prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed
+        ) as pieces:
+            text = "".join(pieces)
+            return Completion(
+                text=text,
+                prompt_tokens=pieces.prompt_tokens,
+                completion_tokens=pieces.completion_tokens,
+                finish_reason=pieces.finish_reason or "stop",
+            )
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._llama.close()

@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from slmops.agent.daemon import Agent, AgentConfig, local_status
+from slmops.agent.runtime import LlamaRuntime
+from slmops.agent.state import ProbeRecord
+from slmops.cli import run
+from slmops.registry import Registry
+from tests.agent.conftest import Models
+from tests.agent.simulator import BlobBehavior, RunningSim, free_port
+
+SECRET = "the patient in room 12 has a rare allergy to penicillin"
+
+
+def _kinds(sim: RunningSim) -> list[str]:
+    with sim.sim.lock:
+        return [e.kind for e in sim.sim.events]
+
+
+def _served_model(port: int) -> str:
+    reply = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+    assert reply.status_code == 200
+    return str(reply.json()["data"][0]["id"])
+
+
+def test_enrolls_converges_serves_and_then_polls_with_a_304(
+    sim: RunningSim, models: Models, agent_config: Callable[..., AgentConfig]
+) -> None:
+    port = free_port()
+    sim.sim.set_desired(models.v1, port)
+
+    with Agent(agent_config(labels={"site": "lab"})) as agent:
+        agent.run(once=True)
+        assert agent.slots.current() == models.v1.digest
+        assert _served_model(port) == "tiny@v1"
+        blob_requests = len(sim.sim.requests_to("/blobs/"))
+        agent.reconcile_once()
+
+    desired = sim.sim.requests_to("/desired")
+    assert [r.status for r in desired] == [200, 304]
+    assert desired[1].headers["if-none-match"] == desired[0].headers.get("etag", f'"{sim.sim.desired.generation}"')
+    assert len(sim.sim.requests_to("/blobs/")) == blob_requests == 1
+    assert sim.sim.devices["dev-1"].labels == {"site": "lab"}
+    kinds = _kinds(sim)
+    assert kinds[0] == "enrolled"
+    order = [k for k in kinds if k in ("verified", "downloaded", "staged", "probe_passed", "activated", "serving")]
+    assert order == ["verified", "downloaded", "staged", "probe_passed", "activated", "serving"]
+    last = sim.sim.statuses[-1]
+    assert last.active_digest == models.v1.digest and last.health == "ok"
+    assert last.capabilities is not None and last.capabilities.probe_decode_tokens_per_s
+
+
+def test_a_pending_device_claims_its_credential_once_approved(
+    sim: RunningSim, models: Models, agent_config: Callable[..., AgentConfig], tmp_path: Path
+) -> None:
+    sim.sim.auto_approve = False
+    with Agent(agent_config()) as agent:
+        assert agent.enroll() is False
+        assert agent.enroll() is False
+        sim.sim.devices["dev-1"].approved = True
+        assert agent.enroll() is True
+    claims = sim.sim.requests_to("/enroll/claim")
+    assert [r.status for r in claims] == [202, 200]
+    assert (tmp_path / "agent" / "credential").read_text() == sim.sim.devices["dev-1"].credential
+    assert len(sim.sim.requests_to("/api/v1/enroll")) == 3  # one enrollment, two claims
+
+
+def test_a_tampered_blob_is_rejected_and_the_old_model_keeps_serving(
+    sim: RunningSim, models: Models, agent_config: Callable[..., AgentConfig]
+) -> None:
+    port = free_port()
+    sim.sim.set_desired(models.v1, port)
+    with Agent(agent_config()) as agent:
+        agent.run(once=True)
+        blob = models.v2.manifest.files[0].digest
+        tampered = bytearray(sim.sim.blob_bytes(blob))
+        tampered[len(tampered) // 2] ^= 0x01
+        sim.sim.behaviors[blob] = BlobBehavior(data=bytes(tampered))
+        sim.sim.set_desired(models.v2, port)
+
+        agent.reconcile_once()
+        agent.reconcile_once()
+
+        assert agent.slots.current() == models.v1.digest
+        assert not agent.cache.has(blob)
+        assert _served_model(port) == "tiny@v1"
+        assert agent.state.phase == "error" and "does not match" in (agent.state.last_error or "")
+    assert _kinds(sim).count("download_failed") == 1  # one event per distinct error, not one per poll
+    assert sim.sim.statuses[-1].last_error and sim.sim.statuses[-1].active_digest == models.v1.digest
+
+
+def test_an_untrusted_signature_is_rejected_before_any_download(
+    sim: RunningSim, models: Models, agent_config: Callable[..., AgentConfig], make_registry: Callable[[str], Registry]
+) -> None:
+    other = make_registry("rogue")
+    other.keys.init()
+    rogue = other.import_model(models.registry.blob_path(models.v2.manifest.files[0].digest), "tiny").envelope
+    sim.sim.set_desired(rogue, free_port())
+
+    with Agent(agent_config()) as agent:
+        agent.run(once=True)
+        assert agent.slots.current() is None
+        assert "untrusted key" in (agent.state.last_error or "")
+
+    assert sim.sim.requests_to("/blobs/") == []
+    assert "verify_failed" in _kinds(sim)
+
+
+def test_a_model_that_fails_the_probe_is_never_activated(
+    sim: RunningSim, models: Models, agent_config: Callable[..., AgentConfig], tmp_path: Path
+) -> None:
+    port = free_port()
+    sim.sim.set_desired(models.v1, port)
+    bad = models.degenerate(tmp_path)
+    with Agent(agent_config()) as agent:
+        agent.run(once=True)
+        sim.sim.set_desired(bad, port)
+        agent.reconcile_once()
+        agent.reconcile_once()
+
+        assert agent.slots.current() == models.v1.digest
+        assert bad.digest in agent.state.failed and "generated no text" in agent.state.failed[bad.digest]
+        assert _served_model(port) == "tiny@v1"
+    failed = [e for e in sim.sim.events if e.kind == "probe_failed"]
+    assert len(failed) == 1 and failed[0].version_digest == bad.digest
+    assert "activated" not in [e.kind for e in sim.sim.events if e.version_digest == bad.digest]
+
+
+class _FailingChecks(LlamaRuntime):
+    """The real runtime, except that periodic health checks of one version fail (a model that goes bad)."""
+
+    def __init__(self, bad: str) -> None:
+        super().__init__()
+        self.bad = bad
+        self.serving: str | None = None
+
+    def serve(self, model_file: Path, envelope: object, runtime: object) -> None:
+        super().serve(model_file, envelope, runtime)  # type: ignore[arg-type]
+        self.serving = envelope.digest  # type: ignore[attr-defined]
+
+    def check(self) -> ProbeRecord:
+        if self.serving == self.bad:
+            return ProbeRecord(ok=False, reason="the model generated no text")
+        return super().check()
+
+
+def test_repeated_health_check_failures_roll_back_by_themselves(
+    sim: RunningSim, models: Models, agent_config: Callable[..., AgentConfig]
+) -> None:
+    port = free_port()
+    sim.sim.set_desired(models.v1, port)
+    config = agent_config(health_interval_s=0.0, probation_s=3600.0)
+    with Agent(config, runtime=_FailingChecks(models.v2.digest)) as agent:
+        agent.run(once=True)
+        sim.sim.set_desired(models.v2, port)
+        for _ in range(4):
+            agent.reconcile_once()
+
+        assert agent.slots.current() == models.v1.digest
+        assert models.v2.digest in agent.state.failed
+        assert _served_model(port) == "tiny@v1"
+    rolled = [e for e in sim.sim.events if e.kind == "rolled_back"]
+    assert len(rolled) == 1 and "health checks" in rolled[0].detail["reason"]
+    assert rolled[0].detail["to"] == models.v1.digest and rolled[0].detail["marked_failed"] is True
+    assert _kinds(sim).count("health_check_failed") == 3
+
+
+def test_offline_the_agent_keeps_serving_and_delivers_buffered_events_once(
+    sim: RunningSim, models: Models, agent_config: Callable[..., AgentConfig], tmp_path: Path
+) -> None:
+    port = free_port()
+    sim.sim.set_desired(models.v1, port)
+    with Agent(agent_config(request_timeout_s=1.0)) as agent:
+        agent.run(once=True)
+        sim.server.stop()
+        for _ in range(3):
+            agent.reconcile_once()
+            assert _served_model(port) == "tiny@v1"
+        chat = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": SECRET}], "max_tokens": 4},
+            timeout=30,
+        )
+        assert chat.status_code == 200
+        buffered = [e.id for e in agent.outbox.pending()]
+        assert len(buffered) >= 1
+        sim.server.start()  # same port
+        agent.reconcile_once()
+        agent.reconcile_once()
+        assert agent.outbox.pending() == []
+
+    received = [e.id for e in sim.sim.events]
+    assert len(received) == len(set(received)), "an acknowledged event was sent twice"
+    assert set(buffered) <= set(received)
+    kinds = _kinds(sim)
+    assert kinds.count("control_plane_unreachable") == 1 and kinds.count("control_plane_reachable") == 1
+    for request in sim.sim.requests:  # privacy: no prompt text ever leaves the device
+        assert SECRET.encode() not in request.body
+        assert SECRET not in str(request.headers)
+
+
+def test_agent_status_shows_local_state(
+    sim: RunningSim, models: Models, agent_config: Callable[..., AgentConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    sim.sim.set_desired(models.v1, free_port())
+    config = agent_config()
+    with Agent(config) as agent:
+        agent.run(once=True)
+
+    info = local_status(config.data_dir)
+    assert info["device_id"] == "dev-1" and info["active_version"] == "tiny@v1" and info["phase"] == "serving"
+    assert run(["agent", "status", "--data-dir", str(config.data_dir)]) == 0
+    assert "tiny@v1" in capsys.readouterr().out
