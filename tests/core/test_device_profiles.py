@@ -9,13 +9,14 @@ GiB = 1 << 30
 
 
 def test_the_shipped_profiles_are_the_documented_device_classes() -> None:
-    assert get_profile("gateway-2gb") == DeviceProfile("gateway-2gb", 2, 2 * GiB, DEVICE_PROFILES["gateway-2gb"].description)
+    gateway = get_profile("gateway-2gb")
+    assert gateway == DeviceProfile("gateway-2gb", 2, 2 * GiB, DEVICE_PROFILES["gateway-2gb"].description)
     assert (get_profile("pi5-8gb").threads, get_profile("pi5-8gb").memory_bytes) == (4, 8 * GiB)
     assert (get_profile("laptop-16gb").threads, get_profile("laptop-16gb").memory_bytes) == (8, 16 * GiB)
 
 
 def test_an_unknown_class_names_the_known_ones() -> None:
-    with pytest.raises(NotFoundError, match="unknown device class 'phone'.*gateway-2gb, laptop-16gb, pi5-8gb"):
+    with pytest.raises(NotFoundError, match=r"unknown device class 'phone'.*gateway-2gb, laptop-16gb, pi5-8gb"):
         get_profile("phone")
 
 

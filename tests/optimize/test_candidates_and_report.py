@@ -20,7 +20,10 @@ def _envelope(metrics: dict[str, float]) -> SignedManifest:
         files=[FileEntry(path="m.gguf", digest=_DIGEST, size=1000)],
         requirements=Requirements(
             memory_load_bytes=100,
-            memory_run=[MemoryAtContext(context_tokens=512, bytes=200), MemoryAtContext(context_tokens=4096, bytes=900)],
+            memory_run=[
+                MemoryAtContext(context_tokens=512, bytes=200),
+                MemoryAtContext(context_tokens=4096, bytes=900),
+            ],
         ),
         metrics=metrics,
         source=Source(kind="derived"),

@@ -53,11 +53,13 @@ def test_both_step_spellings_are_accepted(tmp_path: Path) -> None:
             "typo: Extra inputs are not permitted",
         ),
         (
-            "name: r\nsource: m\nvariants:\n  - name: a\n    passes: [{quantize: {type: Q4_0, tensor_types: {'(': Q8_0}}}]\n",
+            "name: r\nsource: m\nvariants:\n  - name: a\n"
+            "    passes: [{quantize: {type: Q4_0, tensor_types: {'(': Q8_0}}}]\n",
             "is not a regular expression",
         ),
         (
-            "name: r\nsource: m\nevaluation: {device_profiles: [phone]}\nvariants:\n  - name: a\n    passes: [dequantize]\n",
+            "name: r\nsource: m\nevaluation: {device_profiles: [phone]}\nvariants:\n"
+            "  - name: a\n    passes: [dequantize]\n",
             "unknown device profiles phone; known: gateway-2gb",
         ),
         (

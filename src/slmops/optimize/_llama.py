@@ -132,8 +132,12 @@ class LlamaSession:
         capacity = len(data) + 16
         buffer = (self._lib.llama_token * capacity)()
         count = self._lib.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, False)
-        if count < 0:
-            raise RuntimeBackendError(f"tokenizing {len(data)} bytes needed {-count} tokens, more than expected")
+        if count < 0:  # byte-fallback vocabularies can need more tokens than bytes; -count is the size needed
+            capacity = -count
+            buffer = (self._lib.llama_token * capacity)()
+            count = self._lib.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, False)
+            if count < 0:
+                raise RuntimeBackendError(f"llama.cpp could not tokenize {len(data)} bytes of text")
         return list(buffer[:count])
 
     # ------------------------------------------------------------------ decoding

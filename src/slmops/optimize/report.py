@@ -107,8 +107,8 @@ def write_pareto_png(rows: Sequence[ReportRow], path: Path, title: str) -> int:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.ticker
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         raise MissingExtraError("optimize", "drawing the Pareto plot", "matplotlib") from None
 

@@ -34,7 +34,16 @@ from slmops.optimize.recipe import EvaluationSpec, Recipe
 from slmops.registry.blobstore import hash_file
 from slmops.registry.service import Registry
 
-__all__ = ["ProgressFactory", "RunResult", "VariantOutcome", "cache_dir", "evaluate_file", "run_recipe"]
+__all__ = [
+    "ProgressFactory",
+    "RunResult",
+    "VariantOutcome",
+    "cache_dir",
+    "evaluate_file",
+    "resolve_source",
+    "run_recipe",
+    "source_metrics_for",
+]
 
 ProgressFactory = Callable[[str], PassProgress]
 """Given a description (``"q8_0: quantize"``), returns the callback that pass reports its progress to."""
@@ -153,7 +162,7 @@ class _StepCache:
             output = result.output_path.resolve()
             if not output.is_relative_to(work.resolve()):
                 raise InvalidModelError(f"pass '{pass_name}' wrote its output outside its work directory: {output}")
-            digest = hash_file(output).digest
+            digest = _digest_path(output)
             relative = output.relative_to(work.resolve()).as_posix()
             _atomic_json(work / "result.json", {"output": relative, "digest": digest, "report": result.report})
             try:
@@ -165,6 +174,14 @@ class _StepCache:
             shutil.rmtree(work, ignore_errors=True)
             raise
         return final / relative, digest, StepOutcome(pass_name, canonical, False, result.report)
+
+
+def _digest_path(path: Path) -> str:
+    """sha256 of a file, or of a directory's (relative path, file digest) list: the cache key of an input."""
+    if path.is_file():
+        return hash_file(path).digest
+    entries = sorted((p.relative_to(path).as_posix(), hash_file(p).digest) for p in path.rglob("*") if p.is_file())
+    return digest_bytes(canonical_json(entries))
 
 
 def _threads(spec: EvaluationSpec) -> int:
@@ -258,6 +275,17 @@ def _lineage_parent(
     return source, 0
 
 
+def resolve_source(registry: Registry, ref: str) -> SignedManifest:
+    """``NAME`` alone means the newest version that was imported, not derived: once variants are registered under
+    the same name, ``latest`` points at a variant, and a recipe must not start from its own output."""
+    if "@" in ref or ref.startswith("sha256:"):
+        return registry.resolve(ref)
+    for envelope in reversed(registry.versions(ref)):
+        if envelope.manifest.source.kind != "derived":
+            return envelope
+    return registry.resolve(ref)
+
+
 def run_recipe(
     registry: Registry,
     recipe: Recipe,
@@ -269,9 +297,9 @@ def run_recipe(
     """Make, evaluate and register every variant of ``recipe``; see the module docstring for caching."""
     from slmops.optimize._data import load_tasks, read_text
     from slmops.optimize.evaluate import machine_label, tokenize_for_eval
-    from slmops.registry.formats.gguf import gguf_facts, read_gguf
+    from slmops.registry.sources import inspect_source
 
-    source = registry.resolve(recipe.source)
+    source = resolve_source(registry, recipe.source)
     manifest = source.manifest
     if manifest.format != "gguf" or len(manifest.files) != 1:
         raise InvalidModelError(
@@ -328,10 +356,16 @@ def run_recipe(
             )  # fmt: skip
             step_outcomes.append(outcome)
             chain.append((outcome.pass_name, canonical_json(outcome.params).decode()))
-        metrics, eval_cached = evaluate(current_path, current_digest, variant.name)
+        inspected = inspect_source(current_path)
+        if inspected.format == "gguf":
+            metrics, eval_cached = evaluate(current_path, current_digest, variant.name)
+        else:  # the evaluation harness runs GGUF through llama.cpp; export to GGUF to measure the rest
+            metrics, eval_cached = {"size_bytes": float(sum(p.stat().st_size for p in inspected.files.values()))}, False
+        files = (
+            {f"{output_name}-{variant.name}.gguf": current_path} if current_path.is_file() else dict(inspected.files)
+        )
         key = tuple(chain)
         parent, covered = _lineage_parent(key, made, source)
-        info = read_gguf(current_path)
         lineage = Lineage(
             parents=[parent.digest],
             recipe=LineageRecipe(
@@ -341,11 +375,11 @@ def run_recipe(
         )
         result = registry.register(
             output_name,
-            "gguf",
-            {f"{output_name}-{variant.name}.gguf": current_path},
-            facts=gguf_facts(info),
+            inspected.format,
+            files,
+            facts=inspected.facts,
             runtime=manifest.runtime,
-            weight_bytes=info.file_size,
+            weight_bytes=inspected.weight_bytes,
             source=Source(kind="derived", origin=parent.digest),
             lineage=lineage,
             variant=variant.name,

@@ -1,0 +1,1 @@
+"""Measured comparisons; each benchmark writes its results and the exact command that produced them."""
