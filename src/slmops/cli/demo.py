@@ -153,12 +153,45 @@ def demo(
         step.run("importing again changes nothing", site, "model", "import-bundle", str(bundle))
         step.run("the site's registry", site, "model", "list", "gemma3-270m")
         step.run("verify at the site", site, "model", "verify", "gemma3-270m@stable")
+        _optimize(step, central)
         if fleet:
             _fleet(step, central)
     finally:
         step.stop_all()
     console.rule("[bold green]demo finished")
     console.print(f"everything is in {workdir} (central/, site/, agents/ and the logs)")
+
+
+def _optimize(step: _Demo, central: Path) -> None:
+    recipe = Path("recipes/default.yaml")
+    if not recipe.is_file():
+        console.print("[yellow]recipes/default.yaml is not here; run the demo from the source checkout to optimize[/]")
+        return
+    console.rule("[bold]the default recipe")
+    console.print(recipe.read_text(), highlight=False)
+    step.run("optimize: make, evaluate and register every variant", central, "optimize", str(recipe))
+    step.run(
+        "compare the variants (and draw the Pareto plot)",
+        central,
+        "optimize",
+        "report",
+        "gemma3-270m",
+        "--png",
+        str(step.workdir / "pareto.png"),
+    )
+    step.run("the derivation tree now", central, "model", "lineage", "gemma3-270m")
+    for profile in ("gateway-2gb", "pi5-8gb", "laptop-16gb"):
+        step.run(
+            f"which variant a {profile} device gets, and why",
+            central,
+            "model",
+            "select",
+            "gemma3-270m",
+            "--device-class",
+            profile,
+            "--max-memory-fraction",
+            "0.25",
+        )
 
 
 def _fleet(step: _Demo, central: Path) -> None:

@@ -19,7 +19,13 @@ from slmops.core.device_profiles import DeviceProfile
 from slmops.core.manifest import Manifest, SignedManifest
 from slmops.core.selection import VariantCandidate
 
-__all__ = ["candidate_from_manifest", "candidates_from_manifests", "estimated_memory_bytes", "profile_metric"]
+__all__ = [
+    "candidate_from_manifest",
+    "candidates_from_manifests",
+    "estimated_memory_bytes",
+    "profile_metric",
+    "version_label",
+]
 
 
 def profile_metric(metric: str, profile: str) -> str:
@@ -37,25 +43,35 @@ def estimated_memory_bytes(manifest: Manifest, context_tokens: int) -> int:
     return manifest.requirements.memory_load_bytes
 
 
-def _label(manifest: Manifest) -> str:
+def version_label(manifest: Manifest) -> str:
+    """``name@vN``, with the variant in parentheses when there is one."""
     label = f"{manifest.name}@{manifest.version}"
     return f"{label} ({manifest.variant})" if manifest.variant else label
 
 
 def candidate_from_manifest(
-    envelope: SignedManifest, profile: DeviceProfile, context_tokens: int = 2048
+    envelope: SignedManifest, profile: DeviceProfile | None = None, context_tokens: int = 2048
 ) -> VariantCandidate:
+    """A chooser candidate for a device profile; without a profile (a real device, not a benchmark class) the
+    overall measurements are used: peak RSS, and the decode speed measured at the evaluation's thread count."""
     m = envelope.manifest
     metrics = m.metrics
-    memory = metrics.get(profile_metric("peak_rss_bytes", profile.name), metrics.get("peak_rss_bytes"))
+    if profile is None:
+        memory = metrics.get("peak_rss_bytes")
+        speed = metrics.get("decode_tokens_per_s")
+    else:
+        memory = metrics.get(profile_metric("peak_rss_bytes", profile.name), metrics.get("peak_rss_bytes"))
+        speed = metrics.get(profile_metric("decode_tokens_per_s", profile.name))
+    if memory is not None and memory <= 0:
+        memory = None
     return VariantCandidate(
         digest=envelope.digest,
-        label=_label(m),
+        label=version_label(m),
         size_bytes=m.total_size,
         memory_bytes=int(memory) if memory is not None else estimated_memory_bytes(m, context_tokens),
         perplexity=metrics.get("perplexity"),
         accuracy=metrics.get("accuracy"),
-        decode_tokens_per_s=metrics.get(profile_metric("decode_tokens_per_s", profile.name)),
+        decode_tokens_per_s=speed,
     )
 
 

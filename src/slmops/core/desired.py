@@ -20,8 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from slmops.core.blueprint import Blueprint, precedence
+from slmops.core.candidates import candidate_from_manifest, estimated_memory_bytes, version_label
 from slmops.core.manifest import Manifest, SignedManifest, canonical_json
-from slmops.core.selection import VariantCandidate, choose_variant
+from slmops.core.selection import choose_variant
 from slmops.core.wire import Capabilities, DesiredModel, DesiredState
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "generation_of",
     "memory_needed",
     "ranked_matches",
-    "to_candidate",
 ]
 
 
@@ -73,34 +73,7 @@ class _Decision:
 def memory_needed(manifest: Manifest, context_tokens: int) -> int:
     """Bytes a version needs: measured peak RSS, else the estimate at the context, else the load estimate."""
     peak = manifest.metrics.get("peak_rss_bytes")
-    if peak is not None and peak > 0:
-        return int(peak)
-    runs = sorted(manifest.requirements.memory_run, key=lambda r: r.context_tokens)
-    for run in runs:
-        if run.context_tokens >= context_tokens:
-            return run.bytes
-    if runs:
-        return runs[-1].bytes
-    return manifest.requirements.memory_load_bytes
-
-
-def _label(envelope: SignedManifest) -> str:
-    m = envelope.manifest
-    return f"{m.name}@{m.version}" + (f" ({m.variant})" if m.variant else "")
-
-
-def to_candidate(envelope: SignedManifest, context_tokens: int) -> VariantCandidate:
-    m = envelope.manifest
-    metrics = m.metrics
-    return VariantCandidate(
-        digest=envelope.digest,
-        label=_label(envelope),
-        size_bytes=m.total_size,
-        memory_bytes=memory_needed(m, context_tokens),
-        perplexity=metrics.get("perplexity"),
-        accuracy=metrics.get("accuracy"),
-        decode_tokens_per_s=metrics.get("decode_tokens_per_s"),
-    )
+    return int(peak) if peak is not None and peak > 0 else estimated_memory_bytes(manifest, context_tokens)
 
 
 def ranked_matches(device: DeviceFacts, blueprints: Sequence[AppliedBlueprint]) -> list[AppliedBlueprint]:
@@ -132,10 +105,10 @@ def _decide(device: DeviceFacts, applied: AppliedBlueprint, found: ModelCandidat
     if spec.variant.pin is not None:
         envelope = _pinned(spec.variant.pin, spec.model.name, found.versions)
         if envelope is None:
-            known = ", ".join(sorted({_label(e) for e in found.versions}))
+            known = ", ".join(sorted({version_label(e.manifest) for e in found.versions}))
             return _Decision(None, f"pinned variant '{spec.variant.pin}' is not among {known}")
-        return _Decision(_desired_model(envelope), f"pinned variant {_label(envelope)}")
-    candidates = [to_candidate(e, spec.runtime.context_tokens) for e in found.versions]
+        return _Decision(_desired_model(envelope), f"pinned variant {version_label(envelope.manifest)}")
+    candidates = [candidate_from_manifest(e, None, spec.runtime.context_tokens) for e in found.versions]
     memory = device.capabilities.memory_bytes if device.capabilities is not None else 0
     choice = choose_variant(candidates, memory, spec.variant.effective_policy())
     if choice.chosen is None:

@@ -74,7 +74,7 @@ ModelFileFormat = Literal["gguf", "safetensors", "onnx"]
 PassProgress = Callable[[float, float], None]
 """Called as ``progress(done, total)`` in any unit the pass likes; cheap, may be called often."""
 
-PASS_MODULES: tuple[str, ...] = ("slmops.optimize.gguf_passes",)
+PASS_MODULES: tuple[str, ...] = ("slmops.optimize.gguf_passes", "slmops.optimize.torch_passes")
 """Modules that define the built-in passes; imported (cheaply: no heavy imports at module level) on first lookup."""
 
 
