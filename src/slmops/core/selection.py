@@ -145,7 +145,7 @@ def _describe(c: VariantCandidate) -> str:
 
 def _worse(c: VariantCandidate, chosen: VariantCandidate) -> str:
     if c.perplexity is None and chosen.perplexity is not None:
-        return "not evaluated (no perplexity), the chosen variant is"
+        return f"not evaluated (no perplexity in its manifest); {chosen.label} was"
     if c.perplexity is not None and chosen.perplexity is not None and c.perplexity != chosen.perplexity:
         return f"lower quality: perplexity {_ppl(c)} vs {_ppl(chosen)}"
     return f"tie on quality, loses on accuracy/size/digest to {chosen.label}"
