@@ -155,3 +155,34 @@ def test_a_bad_recipe_exits_with_the_blueprint_error_code(tmp_path: Path, capsys
 
     assert run(["optimize", str(bad)]) == 8
     assert "unknown pass 'squash'" in capsys.readouterr().err
+
+
+def test_a_torch_chain_runs_through_the_recipe_runner_and_registers_a_gguf_variant(
+    tmp_path: Path, registry: Registry
+) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", arch="llama", file_type="F32", n_embd=64, n_ff=128)
+    source = registry.import_model(model, "tiny").envelope.digest
+    path = _recipe(tmp_path, profiles="[gateway-2gb]")
+    text = path.read_text().split("variants:")[0]
+    path.write_text(
+        text
+        + """variants:
+  - name: prune50
+    passes: [hf_from_gguf, {prune: {sparsity: 0.5, scope: global}}, {export_gguf: {file_type: F32}}]
+""",
+        encoding="utf-8",
+    )
+
+    result = run_recipe(registry, load_recipe(path), settings=Settings(home=tmp_path / "home"))
+
+    [variant] = result.variants
+    m = variant.envelope.manifest
+    assert m.format == "gguf" and m.variant == "prune50"
+    assert [s.pass_name for s in m.lineage.recipe.steps] == ["hf_from_gguf", "prune", "export_gguf"]  # type: ignore[union-attr]
+    assert m.lineage.parents == [source]
+    prune_report = next(s.report for s in variant.steps if s.pass_name == "prune")
+    assert abs(prune_report["overall_sparsity"] - 0.5) < 0.01
+    assert m.metrics["perplexity"] > 1 and m.metrics["decode_tokens_per_s@gateway-2gb"] > 0
+    assert registry.verify(variant.envelope.digest).ok

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,15 @@ def load_hf_model_from_gguf(gguf_path: Path) -> Any:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise InvalidModelError(f"expected a GGUF file at {gguf_path}, found nothing; check the path")
+    # transformers decides how to read a file by its name and looks at the files beside it: give it a directory of
+    # its own holding only a `.gguf` link, so a blob named by its digest is never mistaken for a torch checkpoint.
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
-        )
+        with tempfile.TemporaryDirectory(prefix="slmops-gguf-") as isolated:
+            link = Path(isolated) / "model.gguf"
+            link.symlink_to(gguf_path.resolve())
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                isolated, gguf_file=link.name, local_files_only=True
+            )
     except (ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
         raise InvalidModelError(
             f"transformers could not load {gguf_path.name} as a causal LM ({exc}); the torch passes support the "
