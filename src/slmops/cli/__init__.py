@@ -44,16 +44,16 @@ def _root(
 
 
 def _register() -> None:
-    from slmops.cli import demo, keys, model
+    from slmops.cli import agent, demo, keys, model, optimize, select, serve, server
 
     app.add_typer(model.app, name="model")
+    model.app.command("select")(select.select)
     app.add_typer(keys.app, name="keys")
+    app.add_typer(optimize.app, name="optimize")
+    server.register(app)  # server, token, enroll-token, device, apply, plan, blueprint
+    app.add_typer(agent.app, name="agent")
+    app.command("serve")(serve.serve)
     app.command("demo")(demo.demo)
-    app.command("serve")(__import__("slmops.cli.serve", fromlist=["serve"]).serve)
-    __import__("slmops.cli.server", fromlist=["register"]).register(app)
-    app.add_typer(__import__("slmops.cli.agent", fromlist=["app"]).app, name="agent")
-    app.add_typer(__import__("slmops.cli.optimize", fromlist=["app"]).app, name="optimize")
-    model.app.command("select")(__import__("slmops.cli.select", fromlist=["select"]).select)
 
 
 _register()
