@@ -73,9 +73,7 @@ def stage_quota(n: int, fraction: float, *, min_per_class: int = 1) -> int:
     return min(n, max(math.ceil(fraction * n), min_per_class))
 
 
-def stage_members(
-    devices: Mapping[str, str], release_id: str, fraction: float, *, min_per_class: int = 1
-) -> set[str]:
+def stage_members(devices: Mapping[str, str], release_id: str, fraction: float, *, min_per_class: int = 1) -> set[str]:
     """The device ids in the stage: per device class, the ``stage_quota`` lowest positions.
 
     ``devices`` maps device id to device class. Ties in position (a 2**-53 chance per pair) are broken by device
