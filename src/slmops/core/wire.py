@@ -10,6 +10,7 @@ The agent and the control plane share only these models and the rest of ``core/`
                                                                       ``If-None-Match`` matches
 ``POST /api/v1/devices/{id}/status``          device credential      :class:`StatusReport` → :class:`StatusAck`
 ``GET  /api/v1/blobs/{digest}``               device credential      bytes; ``Range``, ``If-Range``, ``ETag``
+``POST /api/v1/devices/{id}/telemetry``       device credential      :class:`TelemetryBatch` → :class:`TelemetryAck`
 ============================================  =====================  ===============================================
 
 A device credential is sent as ``Authorization: Bearer <credential>`` and can read or write only its own device's
@@ -38,8 +39,13 @@ __all__ = [
     "EnrollResponse",
     "Health",
     "RuntimeConfig",
+    "LATENCY_BUCKETS_MS",
+    "Histogram",
     "StatusAck",
     "StatusReport",
+    "TelemetryAck",
+    "TelemetryBatch",
+    "TelemetryWindow",
     "claim_message",
 ]
 
@@ -160,3 +166,68 @@ class StatusReport(_Wire):
 class StatusAck(_Wire):
     accepted_event_ids: list[str]  # ids stored now or earlier: the agent may drop them from its buffer
     server_time: str
+
+
+# Upper bounds of the latency histogram buckets, in milliseconds; one more bucket counts everything above the last.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    5,
+    10,
+    20,
+    35,
+    50,
+    75,
+    100,
+    150,
+    200,
+    300,
+    500,
+    750,
+    1000,
+    1500,
+    2000,
+    3000,
+    5000,
+    7500,
+    10000,
+    20000,
+    60000,
+)
+MAX_WINDOWS_PER_BATCH = 100
+
+
+class Histogram(_Wire):
+    """Counts per bucket: ``counts[i]`` is the number of samples <= ``bounds[i]`` and > ``bounds[i-1]``; the last
+    count is everything above the last bound. Aggregates only: no sample can be traced back to a request."""
+
+    bounds: list[float] = Field(default_factory=lambda: list(LATENCY_BUCKETS_MS), max_length=64)
+    counts: list[int] = Field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1), max_length=65)
+    sum: float = 0.0
+
+
+class TelemetryWindow(_Wire):
+    """What one device measured in one time window for one model version. Numbers only, never text."""
+
+    id: str = Field(min_length=1, max_length=64)  # made by the agent, so a retried upload never double-counts
+    version_digest: str | None = None
+    window_start: str  # RFC 3339, UTC
+    window_s: float = Field(gt=0, le=86400)
+    requests: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0)
+    crashes: int = Field(default=0, ge=0)
+    restarts: int = Field(default=0, ge=0)
+    rollbacks: int = Field(default=0, ge=0)
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    latency_ms: Histogram = Field(default_factory=Histogram)  # whole request
+    ttft_ms: Histogram = Field(default_factory=Histogram)  # time to first token
+    per_token_ms: Histogram = Field(default_factory=Histogram)  # decode time per generated token
+    decode_tokens_per_s: float | None = Field(default=None, ge=0)  # mean over the window
+    memory_rss_bytes: int | None = Field(default=None, ge=0)  # peak in the window
+
+
+class TelemetryBatch(_Wire):
+    windows: list[TelemetryWindow] = Field(max_length=MAX_WINDOWS_PER_BATCH)
+
+
+class TelemetryAck(_Wire):
+    accepted_ids: list[str]  # stored now or earlier: the agent may drop them from its buffer
