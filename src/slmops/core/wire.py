@@ -28,6 +28,7 @@ from slmops.core.manifest import SignedManifest
 
 __all__ = [
     "API_PREFIX",
+    "LATENCY_BUCKETS_MS",
     "AgentPhase",
     "AllowedAdaptations",
     "Capabilities",
@@ -38,9 +39,8 @@ __all__ = [
     "EnrollRequest",
     "EnrollResponse",
     "Health",
-    "RuntimeConfig",
-    "LATENCY_BUCKETS_MS",
     "Histogram",
+    "RuntimeConfig",
     "StatusAck",
     "StatusReport",
     "TelemetryAck",
