@@ -44,7 +44,7 @@ def _root(
 
 
 def _register() -> None:
-    from slmops.cli import agent, demo, keys, model, optimize, select, serve, server
+    from slmops.cli import agent, demo, keys, model, optimize, select, serve, server, sim
 
     app.add_typer(model.app, name="model")
     model.app.command("select")(select.select)
@@ -54,6 +54,7 @@ def _register() -> None:
     app.add_typer(agent.app, name="agent")
     app.command("serve")(serve.serve)
     app.command("demo")(demo.demo)
+    app.command("sim")(sim.sim)
 
 
 _register()

@@ -1,0 +1,293 @@
+"""One simulated edge agent: real HTTP, real wire schemas, simulated download and inference.
+
+A :class:`SimAgent` enrolls with an enrollment token and its own ed25519 key (claiming its credential with a signed
+:func:`~slmops.core.wire.claim_message` when the token does not auto-approve), then polls its desired state with
+``If-None-Match`` and posts a :class:`~slmops.core.wire.StatusReport` heartbeat after every poll, with jittered
+intervals. When the desired version changes it trusts the signed manifest without fetching a single blob: the
+download is a sleep of ``total size / profile bandwidth`` — blobs are never requested, so a fleet of thousands puts
+the realistic control-plane load (polls and heartbeats) on the server, not the load of serving model files. Then it
+"activates" the version through the :class:`~slmops.sim.runtime.SimulatedRuntime`; an activation failure or a
+failing probe rolls it back to the previous version (event ``rolled_back``), and the agent does not try that
+version again. Offline periods skip polls; a flaky network loses requests, which are retried with exponential
+backoff and jitter, as are transport errors, 429 and 5xx answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from slmops import __version__
+from slmops.core.wire import (
+    API_PREFIX,
+    MAX_EVENTS_PER_REPORT,
+    ClaimRequest,
+    DesiredState,
+    DeviceEvent,
+    EnrollRequest,
+    EnrollResponse,
+    StatusAck,
+    StatusReport,
+    claim_message,
+)
+from slmops.errors import AuthenticationError, UnavailableError
+from slmops.registry.signing import format_public_key
+from slmops.sim.profiles import DeviceProfile
+from slmops.sim.runtime import SimulatedRuntime
+
+__all__ = ["SimAgent", "sleep_unless_stopped"]
+
+AGENT_VERSION = f"slmops-sim/{__version__}"
+MAX_ATTEMPTS = 6
+BACKOFF_BASE_S = 0.2
+BACKOFF_MAX_S = 10.0
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True when ``stop`` was set meanwhile."""
+    if seconds <= 0:
+        return stop.is_set()
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+class _Lost(Exception):
+    """A request the simulated flaky network dropped."""
+
+
+class SimAgent:
+    """One simulated device. ``counters`` counts requests by kind; read it while the agent runs."""
+
+    def __init__(
+        self,
+        name: str,
+        profile: DeviceProfile,
+        labels: dict[str, str],
+        runtime: SimulatedRuntime,
+        seed: int,
+        poll_interval_s: float,
+        download_time_scale: float = 1.0,
+    ) -> None:
+        self.name = name
+        self.profile = profile
+        self.labels = labels
+        self.runtime = runtime
+        self.poll_interval_s = poll_interval_s
+        self.download_time_scale = download_time_scale
+        self.rng = random.Random(f"{seed}:agent:{name}")
+        self.key = Ed25519PrivateKey.generate()
+        self.device_id: str | None = None
+        self.credential: str | None = None
+        self.etag: str | None = None
+        self.generation: str | None = None
+        self.active_digest: str | None = None
+        self.previous_digest: str | None = None
+        self.active_label: str | None = None  # "name@version (variant)" of the active version
+        self.failed_digests: set[str] = set()
+        self.events: list[DeviceEvent] = []
+        self.counters: Counter[str] = Counter()
+        self.enrolled_at: float | None = None  # time.monotonic()
+        self.offline_until = 0.0
+        self.phase = "starting"
+        self._reported_capabilities = False
+
+    # ------------------------------------------------------------------ HTTP with loss, retries and backoff
+
+    async def _request(
+        self, client: httpx.AsyncClient, kind: str, method: str, path: str, **kwargs: Any
+    ) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        if self.credential is not None:
+            headers["Authorization"] = f"Bearer {self.credential}"
+        last = "no attempt"
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                self.counters["retries"] += 1
+                delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+                await asyncio.sleep(self.rng.uniform(0, delay))  # full jitter
+            try:
+                if self.rng.random() < self.profile.flaky_network_probability:
+                    raise _Lost()
+                self.counters[kind] += 1
+                response = await client.request(method, f"{API_PREFIX}{path}", headers=headers, **kwargs)
+            except _Lost:
+                self.counters["lost"] += 1
+                last = "lost by the simulated flaky network"
+                continue
+            except httpx.TransportError as exc:
+                self.counters["transport_errors"] += 1
+                last = f"{type(exc).__name__}: {exc}"
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                self.counters[f"http_{response.status_code}"] += 1
+                last = f"HTTP {response.status_code}"
+                continue
+            return response
+        raise UnavailableError(f"{kind} failed {MAX_ATTEMPTS} times; last: {last}")
+
+    # ------------------------------------------------------------------ enrollment
+
+    async def enroll(self, client: httpx.AsyncClient, token: str, stop: asyncio.Event) -> bool:
+        """Enroll (and claim when pending) until approved; False when stopped first."""
+        request = EnrollRequest(
+            token=token,
+            public_key=format_public_key(self.key.public_key()).strip(),
+            capabilities=self.profile.capabilities(),
+            labels=self.labels,
+            hostname=self.name,
+        )
+        answer = await self._enroll_once(client, "enroll", request.model_dump(mode="json"), stop)
+        if answer is None:
+            return False
+        self.device_id = answer.device_id
+        while answer.credential is None:
+            if await sleep_unless_stopped(stop, self._jittered()):
+                return False
+            now = int(time.time())
+            claim = ClaimRequest(
+                device_id=answer.device_id,
+                timestamp=now,
+                signature=_b64(self.key.sign(claim_message(answer.device_id, now))),
+            )
+            claimed = await self._enroll_once(client, "claim", claim.model_dump(mode="json"), stop, "/enroll/claim")
+            if claimed is None:
+                return False
+            answer = claimed
+        self.credential = answer.credential
+        self.enrolled_at = time.monotonic()
+        self.phase = "idle"
+        return True
+
+    async def _enroll_once(
+        self, client: httpx.AsyncClient, kind: str, body: dict[str, Any], stop: asyncio.Event, path: str = "/enroll"
+    ) -> EnrollResponse | None:
+        while not stop.is_set():
+            try:
+                response = await self._request(client, kind, "POST", path, json=body)
+            except UnavailableError:
+                await sleep_unless_stopped(stop, self._jittered())
+                continue
+            if response.status_code in (200, 202):
+                return EnrollResponse.model_validate_json(response.content)
+            self.counters[f"{kind}_refused"] += 1
+            raise AuthenticationError(f"{kind} refused with HTTP {response.status_code}: {response.text[:300]}")
+        return None
+
+    # ------------------------------------------------------------------ the poll loop
+
+    async def run(self, client: httpx.AsyncClient, token: str, stop: asyncio.Event, start_delay_s: float) -> None:
+        if await sleep_unless_stopped(stop, start_delay_s) or not await self.enroll(client, token, stop):
+            return
+        if await sleep_unless_stopped(stop, self.rng.uniform(0, self.poll_interval_s)):
+            return
+        while not stop.is_set():
+            if not self._offline():
+                try:
+                    await self.poll_once(client)
+                except UnavailableError:
+                    self.counters["failed_polls"] += 1
+            if await sleep_unless_stopped(stop, self._jittered()):
+                return
+
+    def _offline(self) -> bool:
+        now = time.monotonic()
+        if now < self.offline_until:
+            self.counters["offline_polls"] += 1
+            return True
+        every = self.profile.offline_every_s
+        if every > 0 and self.rng.random() < self.poll_interval_s / every:
+            self.offline_until = now + self.profile.offline_duration_s
+            self.counters["offline_periods"] += 1
+            return True
+        return False
+
+    def _jittered(self) -> float:
+        return self.poll_interval_s * self.rng.uniform(0.8, 1.2)
+
+    async def poll_once(self, client: httpx.AsyncClient) -> None:
+        """One desired-state poll, the work it asks for, and one status report."""
+        assert self.device_id is not None
+        headers = {"If-None-Match": self.etag} if self.etag else {}
+        response = await self._request(client, "desired", "GET", f"/devices/{self.device_id}/desired", headers=headers)
+        if response.status_code == 304:
+            self.counters["desired_304"] += 1
+        elif response.status_code == 200:
+            self.counters["desired_200"] += 1
+            state = DesiredState.model_validate_json(response.content)
+            await self._reach(state)
+            self.etag = response.headers.get("ETag")
+            self.generation = state.generation
+        else:
+            self.counters[f"desired_http_{response.status_code}"] += 1
+        await self.report(client)
+
+    async def _reach(self, state: DesiredState) -> None:
+        model = state.model
+        if model is None or model.digest == self.active_digest or model.digest in self.failed_digests:
+            return
+        manifest = model.envelope.manifest
+        self.phase = "downloading"
+        await asyncio.sleep(manifest.total_size * self.download_time_scale / self.profile.bandwidth_bytes_per_s)
+        label = f"{model.name}@{model.version}" + (f" ({model.variant})" if model.variant else "")
+        attempt = sum(1 for e in self.events if e.version_digest == model.digest)
+        if self.runtime.activation_fails(self.profile, self.name, model.digest, attempt):
+            self._rollback(model.digest, "activation failed")
+        elif not self.runtime.probe_passes(self.profile, self.name, model.digest):
+            self._rollback(model.digest, "probe failed")
+        else:
+            self.previous_digest, self.active_digest, self.active_label = self.active_digest, model.digest, label
+            self._event("activated", model.digest, {"from": self.previous_digest})
+        self.phase = "serving" if self.active_digest else "idle"
+
+    def _rollback(self, digest: str, reason: str) -> None:
+        self.failed_digests.add(digest)
+        self.counters["rollbacks"] += 1
+        self._event("rolled_back", digest, {"reason": reason, "to": self.active_digest})
+
+    def _event(self, kind: str, digest: str | None, detail: dict[str, Any]) -> None:
+        self.events.append(
+            DeviceEvent(id=uuid.uuid4().hex, time=_now(), kind=kind, version_digest=digest, detail=detail)
+        )
+        del self.events[: -4 * MAX_EVENTS_PER_REPORT]  # bound the buffer if the server stays away
+
+    async def report(self, client: httpx.AsyncClient) -> None:
+        assert self.device_id is not None
+        report = StatusReport(
+            phase="serving" if self.active_digest else "idle",
+            health="ok" if self.active_digest else "unknown",
+            active_digest=self.active_digest,
+            previous_digest=self.previous_digest,
+            desired_generation=self.generation,
+            capabilities=None if self._reported_capabilities else self.profile.capabilities(),
+            agent_version=AGENT_VERSION,
+            events=self.events[:MAX_EVENTS_PER_REPORT],
+        )
+        response = await self._request(
+            client, "status", "POST", f"/devices/{self.device_id}/status", json=report.model_dump(mode="json")
+        )
+        if response.status_code != 200:
+            self.counters[f"status_http_{response.status_code}"] += 1
+            return
+        self._reported_capabilities = True
+        accepted = set(StatusAck.model_validate_json(response.content).accepted_event_ids)
+        self.events = [e for e in self.events if e.id not in accepted]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,129 @@
+"""The fleet YAML: which simulated devices to run, how many of each profile, with which labels.
+
+Either a list of groups::
+
+    - {profile: pi-2gb, count: 300, labels: {site: lab}}
+    - {profile: till-8gb, count: 400}
+
+or a mapping with ``devices`` (that list) and optional ``profiles`` (extra or replaced profiles, by name),
+``runtime`` (overrides that make a version slow or failing on some profiles), ``seed`` and ``poll_interval_s``.
+See ``examples/fleet.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from slmops.errors import BlueprintError
+from slmops.sim.profiles import BUILTIN_PROFILES, DeviceProfile
+from slmops.sim.runtime import RuntimeOverride
+
+__all__ = ["DeviceGroup", "FleetSpec", "RuntimeSpec", "load_fleet", "parse_fleet"]
+
+MAX_FLEET_BYTES = 1 << 20
+MAX_DEVICES = 200_000
+
+
+class DeviceGroup(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    profile: str = Field(min_length=1)
+    count: int = Field(ge=1, le=MAX_DEVICES)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class RuntimeSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_latency_ms: float = Field(default=200.0, gt=0)
+    base_error_rate: float = Field(default=0.001, ge=0, le=1)
+    overrides: tuple[RuntimeOverride, ...] = ()
+
+
+class FleetSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    devices: tuple[DeviceGroup, ...] = Field(min_length=1)
+    profiles: dict[str, DeviceProfile] = Field(default_factory=dict)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    seed: int = 0
+    poll_interval_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_profiles(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("profiles"), dict):
+            named = {}
+            for name, body in value["profiles"].items():
+                named[name] = {"name": name, **body} if isinstance(body, dict) else body
+            value = {**value, "profiles": named}
+        return value
+
+    @model_validator(mode="after")
+    def _known_profiles(self) -> FleetSpec:
+        known = self.all_profiles()
+        for group in self.devices:
+            if group.profile not in known:
+                raise ValueError(
+                    f"unknown profile {group.profile!r}; known profiles: {', '.join(sorted(known))} "
+                    "(define it under 'profiles:')"
+                )
+        for override in self.runtime.overrides:
+            if override.profile is not None and override.profile not in known:
+                raise ValueError(f"runtime override names unknown profile {override.profile!r}")
+        total = sum(g.count for g in self.devices)
+        if total > MAX_DEVICES:
+            raise ValueError(f"at most {MAX_DEVICES} devices per fleet, got {total}")
+        return self
+
+    def all_profiles(self) -> dict[str, DeviceProfile]:
+        return {**BUILTIN_PROFILES, **self.profiles}
+
+    @property
+    def device_count(self) -> int:
+        return sum(g.count for g in self.devices)
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<document>"
+
+
+def parse_fleet(text: str, source: str = "fleet") -> FleetSpec:
+    """Parse fleet YAML; errors name the field path and raise :class:`BlueprintError`."""
+    if len(text.encode("utf-8", errors="replace")) > MAX_FLEET_BYTES:
+        raise BlueprintError(f"{source} is larger than {MAX_FLEET_BYTES // 1024} KiB; a fleet file is short")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BlueprintError(f"{source} is not valid YAML: {exc}") from None
+    if isinstance(value, list):
+        value = {"devices": value}
+    if not isinstance(value, dict):
+        raise BlueprintError(
+            f"{source} must be a list of {{profile, count, labels}} or a mapping with 'devices'; "
+            f"got {type(value).__name__} (see examples/fleet.yaml)"
+        )
+    try:
+        return FleetSpec.model_validate(value)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors()[:5]:
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{_path(tuple(error['loc']))}: {message}")
+        more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+        raise BlueprintError(f"{source} is not a valid fleet: " + "; ".join(problems) + more) from None
+
+
+def load_fleet(path: Path) -> FleetSpec:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BlueprintError(f"cannot read fleet file {path}: {exc.strerror}; check the path") from None
+    return parse_fleet(text, str(path))
