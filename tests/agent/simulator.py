@@ -33,6 +33,9 @@ from slmops.core.wire import (
     RuntimeConfig,
     StatusAck,
     StatusReport,
+    TelemetryAck,
+    TelemetryBatch,
+    TelemetryWindow,
     claim_message,
 )
 from slmops.registry import Registry
@@ -77,6 +80,8 @@ class Simulator:
     requests: list[Recorded] = field(default_factory=list)
     events: list[DeviceEvent] = field(default_factory=list)  # every event received, duplicates included
     statuses: list[StatusReport] = field(default_factory=list)
+    telemetry: list[TelemetryWindow] = field(default_factory=list)  # every window received, duplicates included
+    lose_telemetry_acks: int = 0  # answer this many telemetry posts with 503 after storing them (a lost ack)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -181,6 +186,19 @@ class Simulator:
                 sim.statuses.append(report)
                 sim.events.extend(report.events)
             ack = StatusAck(accepted_event_ids=[e.id for e in report.events], server_time=datetime.now(UTC).isoformat())
+            return Response(ack.model_dump_json(), media_type="application/json")
+
+        @app.post(f"{API_PREFIX}/devices/{{device_id}}/telemetry")
+        async def telemetry(device_id: str, request: Request) -> Response:
+            if device_for(request, device_id) is None:
+                return JSONResponse({"detail": "unauthenticated"}, status_code=401)
+            batch = TelemetryBatch.model_validate_json(await request.body())
+            with sim.lock:
+                sim.telemetry.extend(batch.windows)
+                if sim.lose_telemetry_acks > 0:
+                    sim.lose_telemetry_acks -= 1
+                    return JSONResponse({"detail": "lost"}, status_code=503)
+            ack = TelemetryAck(accepted_ids=[w.id for w in batch.windows])
             return Response(ack.model_dump_json(), media_type="application/json")
 
         @app.get(f"{API_PREFIX}/blobs/{{digest}}")

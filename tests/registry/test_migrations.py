@@ -6,7 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-import slmops.control.db  # noqa: F401  (the control plane's tables share the registry's schema history)
+import slmops.control.telemetry  # noqa: F401  (control tables, telemetry's and control.db's, share the schema history)
 from slmops.registry.db import Base, make_engine, migrate
 
 

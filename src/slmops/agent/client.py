@@ -22,6 +22,8 @@ from slmops.core.wire import (
     EnrollResponse,
     StatusAck,
     StatusReport,
+    TelemetryAck,
+    TelemetryBatch,
 )
 from slmops.errors import AuthenticationError, NotFoundError, PermissionDeniedError, SLMOpsError, UnavailableError
 
@@ -158,6 +160,19 @@ class ControlPlaneClient:
         )
         ack = _parse(StatusAck, response, "the status report")
         assert isinstance(ack, StatusAck)
+        return ack
+
+    def post_telemetry(self, device_id: str, batch: TelemetryBatch) -> TelemetryAck:
+        headers = {**self._auth(), "Content-Type": "application/json"}
+        response = self._request(
+            "POST",
+            f"{API_PREFIX}/devices/{device_id}/telemetry",
+            "telemetry",
+            content=batch.model_dump_json(),
+            headers=headers,
+        )
+        ack = _parse(TelemetryAck, response, "telemetry")
+        assert isinstance(ack, TelemetryAck)
         return ack
 
     @contextmanager

@@ -30,8 +30,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -41,12 +42,13 @@ from slmops.agent.capabilities import measure_capabilities
 from slmops.agent.client import ControlPlaneClient
 from slmops.agent.download import BlobWant, DownloadConfig, Downloader
 from slmops.agent.identity import Identity, IdentityStore
-from slmops.agent.outbox import Outbox, OutboxConfig, new_event
+from slmops.agent.outbox import Outbox, OutboxConfig, TelemetryOutbox, TelemetryOutboxConfig, new_event
 from slmops.agent.runtime import LlamaRuntime, ModelRuntime
 from slmops.agent.slots import Slots
 from slmops.agent.state import AgentLock, AgentState, DataDir, StateStore
 from slmops.core.reconcile import LocalView, Policy, Step, plan, target_of
 from slmops.core.wire import (
+    MAX_WINDOWS_PER_BATCH,
     AgentPhase,
     Capabilities,
     ClaimRequest,
@@ -55,10 +57,16 @@ from slmops.core.wire import (
     EnrollResponse,
     RuntimeConfig,
     StatusReport,
+    TelemetryBatch,
+    TelemetryWindow,
 )
 from slmops.errors import AuthenticationError, ConfigError, SLMOpsError, UnavailableError
 from slmops.registry.blobstore import DirectoryBlobStore
 from slmops.registry.signing import verify_envelope
+from slmops.telemetry import WindowCounters, windows_from_stats
+
+if TYPE_CHECKING:
+    from slmops.runtime.stats import RequestStats
 
 __all__ = ["PAUSE_ENV", "Agent", "AgentConfig"]
 
@@ -111,6 +119,8 @@ class AgentConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     policy: Policy = field(default_factory=Policy)
+    telemetry_window_s: float = 60.0  # one telemetry window per version this long (closed at the next poll after)
+    telemetry: TelemetryOutboxConfig = field(default_factory=TelemetryOutboxConfig)
 
 
 class Agent:
@@ -131,6 +141,10 @@ class Agent:
         self._store = StateStore(self.data.state_file)
         self.state = AgentState()
         self.outbox = Outbox(self.data.outbox_file, config.outbox)
+        self.telemetry = TelemetryOutbox(self.data.root / "telemetry.db", config.telemetry)
+        self._window_started = clock()
+        self._counters: dict[str | None, WindowCounters] = {}  # crashes, restarts, rollbacks in the open window
+        self._fresh: str | None = None  # a version just activated or restored: serving it is no restart
         self.identities = IdentityStore(self.data)
         self.cache = DirectoryBlobStore(self.data.blob_dir)
         self.slots = Slots(self.data.slot_dir, self.cache)
@@ -153,6 +167,8 @@ class Agent:
         try:
             self.cache.initialize()
             self.outbox.open()
+            self.telemetry.open()
+            self._window_started = self._clock()
             self.state = self._store.load()
             identity = self.identities.identity()
             server = self.config.server_url or (identity.server_url if identity else None)
@@ -176,6 +192,7 @@ class Agent:
             self.client.close()
             self.client = None
         self.outbox.close()
+        self.telemetry.close()
         self._lock.release()
 
     def close(self) -> None:
@@ -183,6 +200,8 @@ class Agent:
         if not self._opened:
             return
         self._opened = False
+        with contextlib.suppress(SLMOpsError, OSError):
+            self.close_window(force=True)  # keep what the local API counted; it is sent after the next start
         self.runtime.close()
         with contextlib.suppress(FileNotFoundError):
             self.data.marker_file.unlink()
@@ -227,6 +246,7 @@ class Agent:
                 if in_probation and isinstance(digest, str):
                     state.crash_counts[digest] = state.crash_counts.get(digest, 0) + 1
                     self._active_crashed = True
+                self._count(digest if isinstance(digest, str) else None, crashes=1)
                 self._event(
                     "crash",
                     digest if isinstance(digest, str) else None,
@@ -369,6 +389,7 @@ class Agent:
         self.converge()  # a failed health check may call for a rollback
         self.ensure_serving()
         self.report()
+        self.flush_telemetry()
         return done
 
     def _fetch_desired(self) -> None:
@@ -550,6 +571,7 @@ class Agent:
         self._save()
         self._capabilities = None  # the probe speed of the new active version
         self._event("activated", digest, previous=old, probation_s=self.config.probation_s)
+        self._fresh = digest
         self.ensure_serving()
 
     def _step_commit(self, step: Step) -> None:
@@ -578,6 +600,8 @@ class Agent:
         self._capabilities = None
         self._save()
         self._event("rolled_back", digest, to=restored, reason=step.reason, marked_failed=step.mark_failed)
+        self._count(digest, rollbacks=1)
+        self._fresh = restored
         self.ensure_serving()
 
     # ----------------------------------------------------------------------------------------------- serving
@@ -605,6 +629,9 @@ class Agent:
             self._note_error(f"serving {_short(current)} failed: {exc}")
             return
         self._serving = current
+        if current != self._fresh:
+            self._count(current, restarts=1)  # served again without a switch: an agent or runtime restart
+        self._fresh = None
         self.state.health = "ok"
         self._save()
         self._event("serving", current, url=self.runtime.url)
@@ -678,6 +705,87 @@ class Agent:
         if self.outbox.pending(limit=1):
             return self.report(force=True)  # more events than one report holds
         return True
+
+    # ----------------------------------------------------------------------------------------------- telemetry
+
+    def _count(self, digest: str | None, *, crashes: int = 0, restarts: int = 0, rollbacks: int = 0) -> None:
+        old = self._counters.get(digest, WindowCounters())
+        self._counters[digest] = WindowCounters(
+            crashes=old.crashes + crashes, restarts=old.restarts + restarts, rollbacks=old.rollbacks + rollbacks
+        )
+
+    def _digest_of(self) -> dict[str, str]:
+        """Local API model ids (``name@version``, as :class:`LlamaRuntime` names them) to version digests."""
+        mapping: dict[str, str] = {}
+        for digest in {self.slots.current(), self.slots.previous(), self._serving}:
+            if digest is None:
+                continue
+            with contextlib.suppress(SLMOpsError, OSError):
+                manifest = self.slots.manifest(digest).manifest
+                mapping[f"{manifest.name}@{manifest.version}"] = digest
+        return mapping
+
+    def close_window(self, *, force: bool = False) -> list[TelemetryWindow]:
+        """When the window is over (or ``force``), turn the local API's counters and the agent's own into one window
+        per version and buffer them on disk. Numbers only: the runtime's stats hold no text."""
+        now = self._clock()
+        elapsed = now - self._window_started
+        if not force and elapsed < self.config.telemetry_window_s:
+            return []
+        stats: RequestStats | None = getattr(self.runtime, "stats", None)
+        models = stats.take().models if stats is not None else {}
+        if not models and not self._counters and self._serving is None:
+            self._window_started = now
+            return []
+        identity = self.identities.identity()
+        windows = windows_from_stats(
+            device_key=identity.device_id if identity else self._run_id,
+            window_start=datetime.fromtimestamp(self._window_started, UTC),
+            window_s=min(86400.0, max(elapsed, 0.001)),
+            models=models,
+            digest_of=self._digest_of(),
+            counters=self._counters,
+            serving=self._serving,
+            memory_rss_bytes=_rss_bytes(),
+        )
+        dropped = self.telemetry.add(windows)
+        if dropped:
+            self._event("telemetry_dropped", None, count=dropped, reason="the on-disk telemetry buffer was full")
+        self._counters = {}
+        self._window_started = now
+        return windows
+
+    def flush_telemetry(self) -> int:
+        """Close the window if it is over, then send buffered windows in batches; drop only acknowledged ids.
+        Returns how many were acknowledged. Offline, everything stays buffered (bounded) for the next try."""
+        self.close_window()
+        identity = self.identities.identity()
+        if identity is None or not self.identities.credential():
+            return 0
+        client = self._require_client()
+        sent = 0
+        while windows := self.telemetry.pending(MAX_WINDOWS_PER_BATCH):
+            try:
+                ack = client.post_telemetry(identity.device_id, TelemetryBatch(windows=windows))
+            except UnavailableError:
+                return sent
+            except SLMOpsError as exc:
+                log.warning("telemetry was refused: %s", exc)
+                return sent
+            removed = self.telemetry.acknowledge(ack.accepted_ids)
+            sent += removed
+            if removed == 0:
+                return sent  # the server accepted none of them: try again at the next poll
+        return sent
+
+
+def _rss_bytes() -> int | None:
+    """The process's resident memory now (Linux), which holds the loaded model; None where unknown."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def local_status(data_dir: Path) -> dict[str, Any]:

@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from slmops.core.wire import MAX_EVENTS_PER_REPORT, DeviceEvent
+from slmops.core.wire import MAX_EVENTS_PER_REPORT, MAX_WINDOWS_PER_BATCH, DeviceEvent, TelemetryWindow
 
-__all__ = ["Outbox", "OutboxConfig", "new_event"]
+__all__ = ["Outbox", "OutboxConfig", "TelemetryOutbox", "TelemetryOutboxConfig", "new_event"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL,
@@ -147,3 +147,102 @@ class Outbox:
 
     def dropped(self) -> int:
         return int(self._meta("dropped", "0"))
+
+
+_TELEMETRY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS windows (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL,
+                                    body TEXT NOT NULL, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class TelemetryOutboxConfig:
+    max_windows: int = 20_000  # two weeks of 60 s windows of one version
+    max_bytes: int = 32 << 20
+
+
+class TelemetryOutbox:
+    """Telemetry windows waiting for the control plane's :class:`~slmops.core.wire.TelemetryAck`, on disk (SQLite).
+
+    Like :class:`Outbox`: only acknowledged ids are deleted (a lost ack means a resend the server de-duplicates by
+    window id), and the buffer is bounded by count and bytes, dropping the oldest windows first and counting them.
+    """
+
+    def __init__(self, path: Path, config: TelemetryOutboxConfig | None = None) -> None:
+        self.path = path
+        self.config = config or TelemetryOutboxConfig()
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> TelemetryOutbox:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_TELEMETRY_SCHEMA)
+        self._db = db
+        return self
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("TelemetryOutbox.open() was not called")
+        return self._db
+
+    def add(self, windows: list[TelemetryWindow]) -> int:
+        """Buffer windows (an id already buffered is kept as it was); returns how many old windows were dropped."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for window in windows:
+                body = window.model_dump_json()
+                db.execute(
+                    "INSERT OR IGNORE INTO windows (id, body, size) VALUES (?, ?, ?)", (window.id, body, len(body))
+                )
+            count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM windows").fetchone()
+            dropped = 0
+            while count > self.config.max_windows or size > self.config.max_bytes:
+                seq, gone = db.execute("SELECT seq, size FROM windows ORDER BY seq LIMIT 1").fetchone()
+                db.execute("DELETE FROM windows WHERE seq = ?", (seq,))
+                count, size, dropped = count - 1, size - gone, dropped + 1
+            if dropped:
+                row = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+                total = (int(row[0]) if row else 0) + dropped
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dropped', ?)", (str(total),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return dropped
+
+    def pending(self, limit: int = MAX_WINDOWS_PER_BATCH) -> list[TelemetryWindow]:
+        rows = self.db.execute("SELECT body FROM windows ORDER BY seq LIMIT ?", (limit,)).fetchall()
+        return [TelemetryWindow.model_validate_json(row[0]) for row in rows]
+
+    def acknowledge(self, ids: list[str]) -> int:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            removed = 0
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                removed += db.execute(f"DELETE FROM windows WHERE id IN ({marks})", chunk).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return removed
+
+    def size(self) -> tuple[int, int]:
+        """(windows, bytes) waiting."""
+        count, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM windows").fetchone()
+        return int(count), int(size)
+
+    def dropped(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+        return int(row[0]) if row else 0

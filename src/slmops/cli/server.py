@@ -192,7 +192,7 @@ def enroll_token_list(
 
 def register(root: typer.Typer) -> None:
     """Add the control-plane commands to the root CLI."""
-    from slmops.cli import blueprint, device
+    from slmops.cli import blueprint, device, telemetry
 
     root.command("server")(server)
     root.add_typer(token_app, name="token")
@@ -201,3 +201,4 @@ def register(root: typer.Typer) -> None:
     root.command("apply")(blueprint.apply)
     root.command("plan")(blueprint.plan)
     root.add_typer(blueprint.app, name="blueprint")
+    root.add_typer(telemetry.app, name="telemetry")

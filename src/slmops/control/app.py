@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmops import __version__
-from slmops.control import routes_agent, routes_operator
+from slmops.control import routes_agent, routes_operator, telemetry
 from slmops.control.schemas import ErrorBody, ServerHealth
 from slmops.control.service import ControlPlane
 from slmops.control.settings import ServerSettings
@@ -122,4 +122,5 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
 
     app.include_router(routes_agent.router, prefix=API_PREFIX)
     app.include_router(routes_operator.router, prefix=API_PREFIX)
+    app.include_router(telemetry.router, prefix=API_PREFIX)
     return app
