@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,17 +23,10 @@ from slmops.cli import run
 from slmops.config import Settings
 from slmops.core.manifest import Lineage, Recipe, RecipeStep, Source
 from slmops.registry import Registry
+from tests.servers import SLMOPS_EXE, free_port
 from tests.tiny_gguf import write_tiny_gguf
 
 GiB = 1 << 30
-EXE = str(Path(sys.executable).with_name("slmops"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def _wait(
@@ -61,7 +52,7 @@ class Fleet:
         log = self.tmp / f"{name}.log"
         self.logs.append(log)
         with log.open("ab") as out:
-            proc = subprocess.Popen([EXE, *argv], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+            proc = subprocess.Popen([SLMOPS_EXE, *argv], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
         self.procs[name] = proc
         return proc
 
@@ -174,7 +165,7 @@ def test_three_agents_get_their_variant_serve_it_and_converge_on_a_new_version(
     # Prepare: a registry with a base model and two variants, a running server, an admin token, three agents.
     registry = Registry.open(Settings())
     digests = _register_variants(registry, tmp_path)
-    port = _free_port()
+    port = free_port()
     fleet.url = f"http://127.0.0.1:{port}"
     fleet.start("server", ["server", "--port", str(port)])
     _wait("the server", lambda: _healthy(fleet.url), 60, fleet.logs)
@@ -187,7 +178,7 @@ def test_three_agents_get_their_variant_serve_it_and_converge_on_a_new_version(
     enroll_token = json.loads(capsys.readouterr().out)["token"]
     api_ports = {}
     for gib in (2, 8, 16):
-        api_ports[gib] = _free_port()
+        api_ports[gib] = free_port()
         fleet.start(
             f"agent-{gib}",
             [
@@ -263,7 +254,7 @@ def test_an_agent_serves_gemma3_to_the_official_openai_client(
 
     registry = Registry.open(Settings())
     pulled = pull(registry, "gemma3-270m").envelope
-    port = _free_port()
+    port = free_port()
     fleet.url = f"http://127.0.0.1:{port}"
     fleet.start("server", ["server", "--port", str(port)])
     _wait("the server", lambda: _healthy(fleet.url), 60, fleet.logs)
@@ -274,7 +265,7 @@ def test_an_agent_serves_gemma3_to_the_official_openai_client(
     monkeypatch.setenv("SLMOPS_TOKEN", fleet.token)
     assert run(["enroll-token", "create", "--auto-approve", "--label", "site=e2e", "--json"]) == 0
     enroll_token = json.loads(capsys.readouterr().out)["token"]
-    api_port = _free_port()
+    api_port = free_port()
     fleet.start(
         "agent",
         [

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,42 +12,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from slmops.cli import run
 from slmops.registry.signing import format_public_key
+from tests.servers import free_port, running_server
 
 GiB = 1 << 30
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    log = (tmp_path / "server.log").open("wb")
-    exe = Path(sys.executable).with_name("slmops")
-    process = subprocess.Popen(
-        [str(exe), "server", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+    with running_server(tmp_path / "server.log") as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        log.close()
 
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> object:
@@ -123,7 +90,7 @@ def test_operator_workflow_against_a_real_server(
 
 
 def test_an_unreachable_server_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
-    code = run(["device", "list", "--server", f"http://127.0.0.1:{_free_port()}", "--token", "x"])
+    code = run(["device", "list", "--server", f"http://127.0.0.1:{free_port()}", "--token", "x"])
 
     err = capsys.readouterr().err
     assert code == 10 and "cannot reach the control plane" in err and "slmops server" in err

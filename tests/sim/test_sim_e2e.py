@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,6 +18,7 @@ from slmops.config import Settings
 from slmops.core.manifest import Lineage, Recipe, RecipeStep, Source
 from slmops.registry import Registry
 from slmops.sim import BackgroundFleet, FleetRun, parse_fleet
+from tests.servers import running_server
 from tests.tiny_gguf import write_tiny_gguf
 
 GiB = 1 << 30
@@ -49,38 +46,10 @@ spec:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    log = (tmp_path / "server.log").open("wb")
-    exe = Path(sys.executable).with_name("slmops")
-    process = subprocess.Popen(
-        [str(exe), "server", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
+    with running_server(tmp_path / "server.log") as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        log.close()
 
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> Any:

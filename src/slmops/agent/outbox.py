@@ -14,7 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from slmops.core.wire import MAX_EVENTS_PER_REPORT, MAX_WINDOWS_PER_BATCH, DeviceEvent, TelemetryWindow
 
@@ -47,17 +47,20 @@ class OutboxConfig:
     max_bytes: int = 4 << 20
 
 
-class Outbox:
-    def __init__(self, path: Path, config: OutboxConfig | None = None) -> None:
+class _SQLiteBuffer:
+    """A durable SQLite file (WAL, synchronous commits) opened explicitly; subclasses name their schema."""
+
+    _schema: str
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.config = config or OutboxConfig()
         self._db: sqlite3.Connection | None = None
 
-    def open(self) -> Outbox:
+    def open(self) -> Self:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
+        db.executescript(self._schema)
         self._db = db
         return self
 
@@ -69,8 +72,16 @@ class Outbox:
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
-            raise RuntimeError("Outbox.open() was not called")
+            raise RuntimeError(f"{type(self).__name__}.open() was not called")
         return self._db
+
+
+class Outbox(_SQLiteBuffer):
+    _schema = _SCHEMA
+
+    def __init__(self, path: Path, config: OutboxConfig | None = None) -> None:
+        super().__init__(path)
+        self.config = config or OutboxConfig()
 
     def _meta(self, key: str, default: str) -> str:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -162,36 +173,18 @@ class TelemetryOutboxConfig:
     max_bytes: int = 32 << 20
 
 
-class TelemetryOutbox:
+class TelemetryOutbox(_SQLiteBuffer):
     """Telemetry windows waiting for the control plane's :class:`~slmops.core.wire.TelemetryAck`, on disk (SQLite).
 
     Like :class:`Outbox`: only acknowledged ids are deleted (a lost ack means a resend the server de-duplicates by
     window id), and the buffer is bounded by count and bytes, dropping the oldest windows first and counting them.
     """
 
+    _schema = _TELEMETRY_SCHEMA
+
     def __init__(self, path: Path, config: TelemetryOutboxConfig | None = None) -> None:
-        self.path = path
+        super().__init__(path)
         self.config = config or TelemetryOutboxConfig()
-        self._db: sqlite3.Connection | None = None
-
-    def open(self) -> TelemetryOutbox:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_TELEMETRY_SCHEMA)
-        self._db = db
-        return self
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("TelemetryOutbox.open() was not called")
-        return self._db
 
     def add(self, windows: list[TelemetryWindow]) -> int:
         """Buffer windows (an id already buffered is kept as it was); returns how many old windows were dropped."""

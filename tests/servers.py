@@ -1,0 +1,50 @@
+"""Helpers for tests that run real servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+SLMOPS_EXE = str(Path(sys.executable).with_name("slmops"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@contextmanager
+def running_server(log_path: Path, start_timeout_s: float = 30) -> Iterator[str]:
+    """A real `slmops server` process on a free loopback port (SLMOPS_HOME from the environment); yields its URL."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [SLMOPS_EXE, "server", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + start_timeout_s
+            while True:
+                try:
+                    if httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert process.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.1)
+            yield url
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
