@@ -25,10 +25,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(log_path: Path, start_timeout_s: float = 30) -> Iterator[str]:
-    """A real `slmops server` process on a free loopback port (SLMOPS_HOME from the environment); yields its URL."""
-    port = free_port()
-    with log_path.open("wb") as log:
+def running_server(log_path: Path, start_timeout_s: float = 30, port: int | None = None) -> Iterator[str]:
+    """A real `slmops server` process on a loopback port (free unless given; SLMOPS_HOME from the environment);
+    yields its URL and SIGKILLs it on exit."""
+    port = port or free_port()
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             [SLMOPS_EXE, "server", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
         )

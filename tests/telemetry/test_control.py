@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -161,7 +162,8 @@ def test_the_rollup_sums_per_device_class_within_the_time_range(
     assert sum(by_class[large]["latency_ms"]["counts"]) == 10
     everything = rollup(api, viewer, since="2025-04-01T00:00:00Z")
     assert {c["device_class"]: c["requests"] for c in everything["classes"]}[small] == 129  # type: ignore[attr-defined]
-    assert histogram_samples(Histogram.model_validate(by_class[small]["latency_ms"])) == [7.5] * 30  # 5 < 10 <= 10
+    samples = histogram_samples(Histogram.model_validate(by_class[small]["latency_ms"]))
+    assert len(samples) == 30 and all(5 < v <= 10 for v in samples)  # every one in the bucket (5, 10]
 
 
 def test_the_rollup_resolves_a_version_reference(
@@ -195,7 +197,8 @@ def test_the_cli_shows_the_rollup_from_a_running_server(
         assert shown["classes"][0]["requests"] == 40 and shown["classes"][0]["device_class"] == device_class
         assert run(argv) == 0
         table = capsys.readouterr().out
-        assert device_class in table and "2,500" in table  # p95 in the (2000, 3000] bucket
+        p95 = [float(x.replace(",", "")) for x in re.findall(r"\b(2,\d{3}(?:\.\d+)?)\b", table)]
+        assert device_class in table and p95 and all(2000 < v <= 3000 for v in p95)  # in the (2000, 3000] bucket
         assert run(["telemetry", "rollup", DIGEST, "--server", server.url, "--token", "slmops_op_wrong"]) != 0
     finally:
         server.stop()

@@ -44,7 +44,7 @@ def _root(
 
 
 def _register() -> None:
-    from slmops.cli import agent, demo, keys, model, optimize, select, serve, server, sim
+    from slmops.cli import agent, demo, keys, model, optimize, rollout, select, serve, server, sim
 
     app.add_typer(model.app, name="model")
     model.app.command("select")(select.select)
@@ -52,6 +52,7 @@ def _register() -> None:
     app.add_typer(optimize.app, name="optimize")
     server.register(app)  # server, token, enroll-token, device, apply, plan, blueprint
     app.add_typer(agent.app, name="agent")
+    app.add_typer(rollout.app, name="rollout")
     app.command("serve")(serve.serve)
     app.command("demo")(demo.demo)
     app.command("sim")(sim.sim)

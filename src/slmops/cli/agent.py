@@ -58,6 +58,9 @@ def agent(
     ),
     probation_s: float = typer.Option(120.0, "--probation-s", help="Seconds a new version serves before commit."),
     health_interval_s: float = typer.Option(60.0, "--health-interval-s", help="Seconds between health checks."),
+    telemetry_window_s: float = typer.Option(
+        60.0, "--telemetry-window-s", help="Seconds per telemetry window sent to the control plane."
+    ),
     api_port: int | None = typer.Option(
         None,
         "--api-port",
@@ -85,6 +88,7 @@ def agent(
         cpu_cores=cpu_cores,
         capabilities_file=capabilities_file,
         api_port=api_port,
+        telemetry_window_s=telemetry_window_s,
     )
     stop = threading.Event()
 

@@ -65,11 +65,11 @@ class _Demo:
         console.rule(f"[bold]{self.count}. {title}")
         console.print(f"[dim]$ SLMOPS_HOME={shown_home} slmops {shlex.join(args)}[/]")
 
-    def run(self, title: str, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def run(self, title: str, home: Path, *args: str, env: dict[str, str] | None = None, expect: int = 0) -> None:
         self._show(title, home, args)
         started = time.monotonic()
         completed = subprocess.run([sys.executable, "-m", "slmops", *args], env=self._env(home, env), check=False)
-        if completed.returncode != 0:
+        if completed.returncode != expect:
             raise SLMOpsError(f"demo step {self.count} ({title}) failed with exit code {completed.returncode}")
         console.print(f"[dim]({time.monotonic() - started:.1f} s)[/]")
 
@@ -199,7 +199,15 @@ def _fleet(step: _Demo, central: Path) -> None:
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    step.start("server", "start the control plane", central, "server", "--port", str(port))
+    step.start(
+        "server",
+        "start the control plane",
+        central,
+        "server",
+        "--port",
+        str(port),
+        env={"SLMOPS_ROLLOUT_TICK_S": "2", "SLMOPS_DESIRED_CACHE_TTL_S": "1", "SLMOPS_DEVICE_OFFLINE_AFTER_S": "30"},
+    )
 
     def healthy() -> bool:
         try:
@@ -238,7 +246,7 @@ def _fleet(step: _Demo, central: Path) -> None:
             step.workdir / "agents" / name,
             "agent", "--server", url, "--enroll-token", enroll, "--data-dir", str(step.workdir / "agents" / name),
             "--memory-bytes", str(gib * _GIB), "--poll-interval-s", "1", "--probation-s", "5",
-            "--api-port", str(api_ports[name]),
+            "--api-port", str(api_ports[name]), "--telemetry-window-s", "3",
         )  # fmt: skip
 
     def devices() -> list[dict[str, Any]]:
@@ -269,3 +277,110 @@ def _fleet(step: _Demo, central: Path) -> None:
     answer.raise_for_status()
     body = answer.json()
     console.print_json(data={"model": body["model"], "message": body["choices"][0]["message"], "usage": body["usage"]})
+    _rollouts(step, central, url, operator, devices)
+
+
+_SIM_DEVICES = 200
+_SIM_FLEET = """\
+# {count} simulated devices in 3 classes, labelled like the real agents so the same blueprint applies.
+# The simulated runtime makes {bad_label} slow and failing on kiosks only.
+seed: 3
+poll_interval_s: 5
+profiles:  # no random activation failures here, so every device reaches each version
+  pi-2gb: {{arch: aarch64, memory_bytes: 2147483648, speed_factor: 3.0, flaky_network_probability: 0.02}}
+  kiosk-4gb: {{arch: aarch64, memory_bytes: 4294967296, speed_factor: 2.0, flaky_network_probability: 0.02}}
+  till-8gb: {{memory_bytes: 8589934592, speed_factor: 1.0}}
+devices:
+  - {{profile: pi-2gb, count: {pis}, labels: {{site: demo}}}}
+  - {{profile: kiosk-4gb, count: {kiosks}, labels: {{site: demo}}}}
+  - {{profile: till-8gb, count: {tills}, labels: {{site: demo}}}}
+runtime:
+  requests_per_window: 30
+  telemetry_window_s: 6
+  overrides:
+    - {{profile: kiosk-4gb, version: "{bad}", error_rate: 0.2, latency_factor: 2.0}}
+"""
+_ROLLOUT_POLICY = """\
+# How the demo's releases move: the default stages with a short soak, and these gates per device class.
+stages: [0.01, 0.1, 0.5, 1.0]
+soak_s: 15
+min_reporting_devices: 2
+gates:
+  - {name: crashes, metric: crashes, min_samples: 2, critical: true}
+  - {name: rollbacks, metric: rollbacks, min_samples: 1, max_rate: 0.2, critical: true}
+  - {name: error-rate, metric: errors, min_samples: 100, max_increase: 0.02, critical: true}
+  - {name: p95-latency, metric: latency, min_samples: 60, max_ratio: 1.3}
+"""
+
+
+def _rollouts(step: _Demo, central: Path, url: str, operator: dict[str, str], devices: Any) -> None:
+    """A simulated fleet joins the real agents; a healthy release goes through every stage, then a release that
+    regresses one class is halted and rolled back by the controller."""
+    versions = step.capture(central, "model", "list", "gemma3-270m", "--json")
+    by_variant = {v["variant"]: v for v in versions}
+    if "q4_k_m-imat" not in by_variant or "q4_0" not in by_variant:
+        console.print("[yellow]the optimized variants are missing; skipping the rollout part of the demo[/]")
+        return
+    good, bad = by_variant["q4_k_m-imat"], by_variant["q4_0"]
+    fleet_file = step.workdir / "sim-fleet.yaml"
+    pis, kiosks = _SIM_DEVICES * 3 // 10, _SIM_DEVICES * 3 // 10
+    fleet_file.write_text(
+        _SIM_FLEET.format(
+            count=_SIM_DEVICES,
+            bad_label=f"gemma3-270m@{bad['version']} (q4_0)",
+            bad=bad["digest"],
+            pis=pis,
+            kiosks=kiosks,
+            tills=_SIM_DEVICES - pis - kiosks,
+        )
+    )
+    console.rule("[bold]a simulated fleet")
+    console.print(fleet_file.read_text(), highlight=False)
+    enroll = step.capture(
+        central, "enroll-token", "create", "--uses", str(_SIM_DEVICES), "--auto-approve", "--json", env=operator
+    )["token"]
+    step.start(
+        "sim",
+        f"start {_SIM_DEVICES} simulated devices (real protocol, simulated runtime)",
+        central,
+        "sim", str(fleet_file), "--server", url, "--enroll-token", enroll, "--max-connections", "8",
+        "--enroll-spread-s", "10",
+    )  # fmt: skip
+    total = _SIM_DEVICES + len(_DEMO_DEVICES)
+    step.wait(
+        f"all {total} devices enrolled and serving",
+        lambda: len(listed := devices()) == total and all(d["active_digest"] for d in listed),
+        300,
+    )
+    policy = step.workdir / "rollout-policy.yaml"
+    policy.write_text(_ROLLOUT_POLICY)
+    console.rule("[bold]the rollout policy")
+    console.print(_ROLLOUT_POLICY, highlight=False)
+    for target, title, expect in (
+        (good, "a healthy release: the importance-matrix Q4_K_M, through every stage", 0),
+        (bad, "a release that regresses the kiosks: halted and rolled back by the controller", 1),
+    ):
+        started = step.capture(
+            central,
+            "rollout", "start", "shop-assistant", "--to", f"gemma3-270m@{target['version']}",
+            "--policy", str(policy), "--json",
+            env=operator,
+        )  # fmt: skip
+        release = started["id"]
+        step._show(title, central, ("rollout", "start", "shop-assistant", "--to", f"gemma3-270m@{target['version']}"))
+        console.print(f"[dim]release {release}: {started['from_version']} -> {started['to_version']}[/]")
+        step.run(
+            "watch it: canaries per device class, gate verdicts",
+            central,
+            "rollout", "status", release, "--watch", "--interval", "3",
+            env=operator,
+            expect=expect,
+        )  # fmt: skip
+        step.run("its events: every decision with its numbers", central, "rollout", "events", release, env=operator)
+    step.wait(
+        "every device back on the healthy version",
+        lambda: all(d["active_digest"] == good["digest"] for d in devices()),
+        180,
+    )
+    console.print(f"[green]all {total} devices run gemma3-270m@{good['version']} again[/]")
+    step.run("the releases", central, "rollout", "list", env=operator)

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmops import __version__
-from slmops.control import routes_agent, routes_operator, telemetry
+from slmops.control import rollouts, routes_agent, routes_operator, telemetry
 from slmops.control.schemas import ErrorBody, ServerHealth
 from slmops.control.service import ControlPlane
 from slmops.control.settings import ServerSettings
@@ -97,9 +97,14 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
             return
         opened = ControlPlane.open(settings)
         app.state.plane = opened
+        controller = rollouts.RolloutController(opened) if settings.rollout_controller else None
+        if controller is not None:
+            controller.start()
         try:
             yield
         finally:
+            if controller is not None:
+                controller.stop()
             opened.close()
 
     app = FastAPI(
@@ -123,4 +128,5 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
     app.include_router(routes_agent.router, prefix=API_PREFIX)
     app.include_router(routes_operator.router, prefix=API_PREFIX)
     app.include_router(telemetry.router, prefix=API_PREFIX)
+    app.include_router(rollouts.router, prefix=API_PREFIX)
     return app

@@ -24,6 +24,9 @@ from slmops.control.schemas import (
     EnrollmentTokenCreated,
     EnrollmentTokenPublic,
     PlanPublic,
+    ReleaseEventPublic,
+    ReleasePublic,
+    ReleaseStart,
     Role,
 )
 from slmops.core.wire import API_PREFIX, DesiredState
@@ -202,3 +205,29 @@ class OperatorClient:
     def blueprint(self, name: str, revision: int | None = None) -> BlueprintPublic:
         params = {"revision": revision} if revision is not None else None
         return self._one(BlueprintPublic, "GET", f"/blueprints/{name}", params=params)
+
+    # ------------------------------------------------------------------ rollouts
+
+    def start_rollout(self, request: ReleaseStart) -> ReleasePublic:
+        return self._one(ReleasePublic, "POST", "/rollouts", json=request.model_dump(mode="json", exclude_none=True))
+
+    def rollouts(self, state: str | None = None) -> list[ReleasePublic]:
+        return self._many(ReleasePublic, "/rollouts", params={"state": state} if state else None)
+
+    def rollout(self, release_id: str) -> ReleasePublic:
+        return self._one(ReleasePublic, "GET", f"/rollouts/{release_id}")
+
+    def rollout_events(self, release_id: str, after: int = 0, limit: int = 500) -> list[ReleaseEventPublic]:
+        return self._many(ReleaseEventPublic, f"/rollouts/{release_id}/events", params={"after": after, "limit": limit})
+
+    def pause_rollout(self, release_id: str) -> ReleasePublic:
+        return self._one(ReleasePublic, "POST", f"/rollouts/{release_id}/pause")
+
+    def resume_rollout(self, release_id: str) -> ReleasePublic:
+        return self._one(ReleasePublic, "POST", f"/rollouts/{release_id}/resume")
+
+    def abort_rollout(self, release_id: str) -> ReleasePublic:
+        return self._one(ReleasePublic, "POST", f"/rollouts/{release_id}/abort")
+
+    def promote_rollout(self, release_id: str) -> ReleasePublic:
+        return self._one(ReleasePublic, "POST", f"/rollouts/{release_id}/promote")

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from slmops.registry.db import Base
 
-__all__ = ["ApiTokenRow", "BlueprintRow", "DeviceEventRow", "DeviceRow", "EnrollmentTokenRow"]
+__all__ = [
+    "ApiTokenRow",
+    "BlueprintRow",
+    "DeviceEventRow",
+    "DeviceRow",
+    "EnrollmentTokenRow",
+    "LeaseRow",
+    "ReleaseEventRow",
+    "ReleaseMemberRow",
+    "ReleaseRow",
+]
 
 
 class ApiTokenRow(Base):
@@ -94,3 +104,69 @@ class BlueprintRow(Base):
     current: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (Index("ix_blueprints_current", "current"),)
+
+
+class ReleaseRow(Base):
+    """A release: one blueprint moving from one model version to another through stages."""
+
+    __tablename__ = "releases"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    blueprint: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # running, paused, halted, aborted, completed
+    from_digest: Mapped[str | None] = mapped_column(String(71))  # the version the blueprint resolved to at start
+    from_label: Mapped[str | None] = mapped_column(String(200))
+    from_digests: Mapped[list[str]] = mapped_column(JSON)  # it and its variants: the baseline's versions
+    to_name: Mapped[str] = mapped_column(String(128))
+    to_digest: Mapped[str] = mapped_column(String(71))
+    to_label: Mapped[str] = mapped_column(String(200))
+    to_digests: Mapped[list[str]] = mapped_column(JSON)  # it and its variants: the canaries' versions
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON)  # a core.rollout.RolloutPolicy
+    stage_index: Mapped[int] = mapped_column(Integer)
+    stage_started_at: Mapped[float] = mapped_column(Float)  # epoch seconds (server clock)
+    started_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)  # why it is in its state (the last decision)
+    revision: Mapped[int] = mapped_column(Integer)  # bumped by every change; guards concurrent updates
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the last stage evaluation
+    evaluated_at: Mapped[float | None] = mapped_column(Float)
+
+
+class ReleaseMemberRow(Base):
+    """A device in a release's cohort, recorded when it first entered (membership never shrinks)."""
+
+    __tablename__ = "release_members"
+
+    release_id: Mapped[str] = mapped_column(String(32), ForeignKey("releases.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_class: Mapped[str] = mapped_column(String(80))
+    stage_index: Mapped[int] = mapped_column(Integer)  # the stage in which it joined
+    joined_at: Mapped[float] = mapped_column(Float)
+
+
+class ReleaseEventRow(Base):
+    """Every decision about a release, with the numbers that led to it."""
+
+    __tablename__ = "release_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    release_id: Mapped[str] = mapped_column(String(32), ForeignKey("releases.id", ondelete="CASCADE"), index=True)
+    time: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(32))
+    stage_index: Mapped[int] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+    numbers: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class LeaseRow(Base):
+    """A named lease: the one server replica that holds it runs the singleton job (the rollout controller)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[float] = mapped_column(Float)  # epoch seconds
+    acquired_at: Mapped[float] = mapped_column(Float)

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from slmops.core.rollout import RolloutPolicy
 from slmops.core.wire import Capabilities
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ApplyResult",
     "BlueprintApply",
     "BlueprintPublic",
+    "ClassProgress",
     "DeviceEventPublic",
     "DeviceLabelsUpdate",
     "DevicePublic",
@@ -28,6 +30,11 @@ __all__ = [
     "Labels",
     "PlanEntry",
     "PlanPublic",
+    "ReleaseEventPublic",
+    "ReleaseMember",
+    "ReleasePublic",
+    "ReleaseStart",
+    "ReleaseState",
     "Role",
     "ServerHealth",
 ]
@@ -177,3 +184,69 @@ class PlanPublic(_Schema):
     spec_changed: bool
     entries: list[PlanEntry]
     warnings: list[str]
+
+
+# ---------------------------------------------------------------- rollouts
+
+ReleaseState = Literal["running", "paused", "halted", "aborted", "completed"]
+
+
+class ReleaseStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    blueprint: str = Field(min_length=1, max_length=64)
+    to: str = Field(min_length=1, max_length=200, description="the new version: NAME@vN, NAME@ALIAS or a digest")
+    policy: RolloutPolicy | None = Field(
+        default=None, description="stages, soak, gates; default: the blueprint's spec.rollout, else the defaults"
+    )
+
+
+class ClassProgress(BaseModel):
+    device_class: str
+    devices: int
+    members: int
+    online_members: int
+    switched: int
+    reporting: int
+    rolled_back: int
+    status: str
+    reason: str
+    gates: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ReleasePublic(BaseModel):
+    id: str
+    blueprint: str
+    state: ReleaseState
+    from_version: str | None
+    from_digest: str | None
+    to_version: str
+    to_digest: str
+    stage: int  # 1-based
+    stages: list[float]
+    stage_started_at: str
+    soak_s: float
+    started_at: str
+    finished_at: str | None
+    created_by: str
+    reason: str
+    evaluated_at: str | None
+    classes: list[ClassProgress]
+    policy: dict[str, Any]
+
+
+class ReleaseEventPublic(BaseModel):
+    id: int
+    release_id: str
+    time: str
+    kind: str
+    stage: int  # 1-based
+    actor: str
+    message: str
+    numbers: dict[str, Any]
+
+
+class ReleaseMember(BaseModel):
+    device_id: str
+    device_class: str
+    stage: int  # 1-based: the stage in which the device joined the cohort

@@ -11,11 +11,14 @@ import binascii
 import json
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from cryptography.exceptions import InvalidSignature
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError as SQLIntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,7 +31,15 @@ from slmops.control.auth import (
     hash_secret,
     new_secret,
 )
-from slmops.control.db import ApiTokenRow, BlueprintRow, DeviceEventRow, DeviceRow, EnrollmentTokenRow
+from slmops.control.db import (
+    ApiTokenRow,
+    BlueprintRow,
+    DeviceEventRow,
+    DeviceRow,
+    EnrollmentTokenRow,
+    ReleaseMemberRow,
+    ReleaseRow,
+)
 from slmops.control.repository import ControlRepository, iso, parse_iso
 from slmops.control.schemas import (
     ApiTokenCreated,
@@ -45,7 +56,14 @@ from slmops.control.schemas import (
 )
 from slmops.control.settings import ServerSettings
 from slmops.core.blueprint import Blueprint, blueprint_from_value, parse_blueprint
-from slmops.core.desired import AppliedBlueprint, DeviceFacts, ModelCandidates, desired_state, ranked_matches
+from slmops.core.desired import (
+    AppliedBlueprint,
+    DeviceFacts,
+    ModelCandidates,
+    desired_state,
+    generation_of,
+    ranked_matches,
+)
 from slmops.core.device_class import device_class
 from slmops.core.manifest import SignedManifest, canonical_json
 from slmops.core.wire import (
@@ -63,7 +81,7 @@ from slmops.errors import AuthenticationError, ConflictError, NotFoundError, Per
 from slmops.registry import Registry
 from slmops.registry.signing import format_public_key, parse_public_key
 
-__all__ = ["ControlPlane"]
+__all__ = ["ACTIVE_RELEASE_STATES", "ActiveRelease", "ControlPlane", "device_facts"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +126,46 @@ class _CandidateCache:
         return {b.blueprint.spec.model.reference: self.get(b.blueprint.spec.model.reference) for b in blueprints}
 
 
+ACTIVE_RELEASE_STATES = ("running", "paused")
+
+
+@dataclass(frozen=True)
+class ActiveRelease:
+    """What desired state needs of a running or paused release: the canaries and the version they get."""
+
+    id: str
+    blueprint: str
+    stage_index: int
+    to_name: str
+    to_digest: str
+    members: frozenset[str]
+
+
+@dataclass
+class _World:
+    """Everything desired state depends on besides the device: blueprints, active releases, registry look-ups.
+
+    Loaded at most every ``desired_cache_ttl_s`` (and at once after a change made through this process), so a
+    poll costs one device read instead of reading every blueprint and walking the registry. Other replicas (and
+    registry changes made by other processes) are seen within the TTL.
+    """
+
+    key: int
+    loaded_at: float
+    signature: tuple[object, ...]
+    applied: list[AppliedBlueprint]
+    releases: dict[str, ActiveRelease]  # by blueprint name
+    candidates: _CandidateCache
+    memo: dict[str, tuple[tuple[object, ...], DesiredState]] = field(default_factory=dict)
+
+
+def _canary_blueprint(applied: AppliedBlueprint, release: ActiveRelease) -> AppliedBlueprint:
+    spec = applied.blueprint.spec
+    model = spec.model.model_copy(update={"name": release.to_name, "ref": release.to_digest})
+    blueprint = applied.blueprint.model_copy(update={"spec": spec.model_copy(update={"model": model})})
+    return AppliedBlueprint(blueprint, applied.revision)
+
+
 class ControlPlane:
     """Devices, tokens and blueprints in the registry's database, next to the registry itself."""
 
@@ -122,6 +180,10 @@ class ControlPlane:
         self.registry = registry
         self.settings = settings
         self.clock = clock
+        self._world: _World | None = None
+        self._world_lock = threading.Lock()
+        self._world_key = 0
+        self._device_auth: dict[str, tuple[str, float]] = {}  # credential hash -> (device id, valid until)
 
     @classmethod
     def open(cls, settings: ServerSettings | None = None, clock: Callable[[], datetime] = _utcnow) -> ControlPlane:
@@ -141,7 +203,14 @@ class ControlPlane:
     # ================================================================== authentication
 
     def authenticate(self, secret: str) -> Principal:
+        """The caller of a credential. An approved device's credential is remembered for ``auth_cache_ttl_s``
+        (a heartbeat then costs no credential query); revoking, decommissioning or re-claiming a device through
+        this process forgets it at once, through another replica within the TTL."""
         token_hash = hash_secret(secret)
+        if secret.startswith(DEVICE_PREFIX):
+            cached = self._device_auth.get(token_hash)
+            if cached is not None and cached[1] > time.monotonic():
+                return Principal("device", cached[0])
         with Session(self.engine) as session:
             repo = ControlRepository(session)
             if secret.startswith(DEVICE_PREFIX):
@@ -150,6 +219,11 @@ class ControlPlane:
                     raise AuthenticationError("unknown or replaced device credential; claim a new one or re-enroll")
                 if device.state != "approved":
                     raise PermissionDeniedError(f"device {device.id} is {device.state}; it may not call the API")
+                ttl = self.settings.auth_cache_ttl_s
+                if ttl > 0:
+                    if len(self._device_auth) > 200_000:
+                        self._device_auth.clear()
+                    self._device_auth[token_hash] = (device.id, time.monotonic() + ttl)
                 return Principal("device", device.id)
             token = repo.api_token_by_hash(token_hash)
             if token is None or token.revoked:
@@ -347,6 +421,7 @@ class ControlPlane:
                 device.credential_hash = hash_secret(credential)
                 device.updated_at = self._now()
                 session.commit()
+                self._device_auth.clear()  # the old credential is replaced
             return EnrollResponse(
                 device_id=device.id,
                 state="approved" if credential else "pending",
@@ -391,6 +466,7 @@ class ControlPlane:
                 if state in ("revoked", "decommissioned"):
                     device.credential_hash = None
                 session.commit()
+                self._device_auth.clear()
             return self._device_public(device)
 
     def set_labels(self, device_id: str, set_labels: dict[str, str], remove: list[str]) -> DevicePublic:
@@ -464,14 +540,80 @@ class ControlPlane:
 
     # ================================================================== devices (agents)
 
+    def invalidate(self) -> None:
+        """Forget the cached blueprints, releases and registry look-ups (after a change made here)."""
+        with self._world_lock:
+            self._world = None
+
+    def world(self) -> _World:
+        with self._world_lock:
+            now = time.monotonic()
+            world = self._world
+            if world is not None and now - world.loaded_at < self.settings.desired_cache_ttl_s:
+                return world
+            with Session(self.engine) as session:
+                applied = _applied(ControlRepository(session).current_blueprints())
+                releases: dict[str, ActiveRelease] = {}
+                for row in session.scalars(select(ReleaseRow).where(ReleaseRow.state.in_(ACTIVE_RELEASE_STATES))):
+                    members = frozenset(
+                        session.scalars(select(ReleaseMemberRow.device_id).where(ReleaseMemberRow.release_id == row.id))
+                    )
+                    releases[row.blueprint] = ActiveRelease(
+                        row.id, row.blueprint, row.stage_index, row.to_name, row.to_digest, members
+                    )
+            candidates = _CandidateCache(self.registry)
+            references = [b.blueprint.spec.model.reference for b in applied]
+            references += [f"{r.to_name}@{r.to_digest}" for r in releases.values()]
+            signature = (
+                tuple((b.label, b.blueprint.digest) for b in applied),
+                tuple(sorted((r.id, r.stage_index, r.to_digest, r.members) for r in releases.values())),
+                tuple((ref, tuple(e.digest for e in candidates.get(ref).versions)) for ref in references),
+            )
+            if world is not None and world.signature == signature:
+                world.loaded_at = now  # nothing changed: keep the memoised states
+                return world
+            self._world_key += 1
+            world = _World(self._world_key, now, signature, applied, releases, candidates)
+            self._world = world
+            return world
+
     def desired(self, device_id: str) -> DesiredState:
+        world = self.world()
         with Session(self.engine) as session:
-            repo = ControlRepository(session)
-            device = self._require_device(repo, device_id)
-            applied = _applied(repo.current_blueprints())
+            device = self._require_device(ControlRepository(session), device_id)
+            fingerprint: tuple[object, ...] = (
+                device.device_class,
+                json.dumps(device.labels, sort_keys=True),
+                json.dumps(device.capabilities, sort_keys=True),
+            )
+            cached = world.memo.get(device_id)
+            if cached is not None and cached[0] == fingerprint:
+                return cached[1]
             facts = _facts(device)
+        state = self._desired_in(world, facts)
+        world.memo[device_id] = (fingerprint, state)
+        return state
+
+    @staticmethod
+    def _desired_in(world: _World, facts: DeviceFacts) -> DesiredState:
+        applied = world.applied
         matched = ranked_matches(facts, applied)
-        return desired_state(facts, applied, _CandidateCache(self.registry).for_blueprints(matched[:1]))
+        release = world.releases.get(matched[0].blueprint.name) if matched else None
+        if release is not None and facts.device_id in release.members:
+            canary = _canary_blueprint(matched[0], release)
+            applied = [canary if b is matched[0] else b for b in applied]
+            matched = [canary, *matched[1:]]
+            state = desired_state(facts, applied, world.candidates.for_blueprints(matched[:1]))
+            reason = f"{state.reason} [canary of release {release.id}, stage {release.stage_index + 1}]"
+            state = state.model_copy(update={"reason": reason})
+            return state.model_copy(update={"generation": generation_of(state)})
+        return desired_state(facts, applied, world.candidates.for_blueprints(matched[:1]))
+
+    def desired_for_facts(self, facts: Mapping[str, DeviceFacts]) -> dict[str, DesiredState]:
+        """Desired state of many devices at once (the rollout controller's view), from a fresh world."""
+        self.invalidate()
+        world = self.world()
+        return {device_id: self._desired_in(world, f) for device_id, f in facts.items()}
 
     def blob_allowed(self, device_id: str, digest: str) -> bool:
         """Whether a device may download a blob: only the files of the version its desired state names."""
@@ -500,8 +642,8 @@ class ControlPlane:
                 if report.capabilities is not None:
                     device.capabilities = report.capabilities.model_dump(mode="json")
                     device.device_class = device_class(report.capabilities)
-                known = repo.known_event_ids(device_id, ids)
-                seq = repo.last_event_seq(device_id)
+                known = repo.known_event_ids(device_id, ids) if ids else set()
+                seq = repo.last_event_seq(device_id) if ids else 0
                 fresh: list[DeviceEventRow] = []
                 seen: set[str] = set(known)
                 for event in report.events:
@@ -564,6 +706,7 @@ class ControlPlane:
                 raise ConflictError(
                     f"blueprint '{blueprint.name}' was applied concurrently by someone else; plan and apply again"
                 ) from None
+        self.invalidate()
         log.info("blueprint %s@%d applied by %s", blueprint.name, revision, created_by)
         return ApplyResult(
             name=blueprint.name, revision=revision, created=True, digest=blueprint.digest, warnings=warnings
@@ -654,6 +797,10 @@ def _change(old: DesiredState, new: DesiredState) -> str:
 
 def _applied(rows: Sequence[BlueprintRow]) -> list[AppliedBlueprint]:
     return [AppliedBlueprint(blueprint_from_value(json.loads(row.spec), row.name), row.revision) for row in rows]
+
+
+def device_facts(row: DeviceRow) -> DeviceFacts:
+    return _facts(row)
 
 
 def _facts(row: DeviceRow) -> DeviceFacts:

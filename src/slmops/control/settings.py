@@ -32,6 +32,11 @@ class ServerSettings(BaseSettings):
     enroll_claim_max_skew_s: float = Field(default=300.0, gt=0)
     enrollment_token_default_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     blob_chunk_bytes: int = Field(default=1 << 20, ge=4096)
+    auth_cache_ttl_s: float = Field(default=5.0, ge=0)  # how long an approved device credential is remembered
+    desired_cache_ttl_s: float = Field(default=2.0, ge=0)  # how stale blueprints/releases/registry may be per poll
+    rollout_controller: bool = True  # run the rollout controller loop in this server (one replica holds the lease)
+    rollout_tick_s: float = Field(default=5.0, gt=0)  # how often the controller evaluates running releases
+    rollout_lease_s: float = Field(default=30.0, gt=0)  # a replica that stops renewing loses the lease after this
 
     def registry_settings(self) -> Settings:
         return Settings(home=self.home, database_url=self.database_url)

@@ -51,7 +51,10 @@ class TelemetryWindowRow(Base):
     received_at: Mapped[str] = mapped_column(String(40))
     body: Mapped[dict[str, Any]] = mapped_column(JSON)  # the TelemetryWindow as sent
 
-    __table_args__ = (Index("ix_telemetry_windows_version_start", "version_digest", "window_start"),)
+    __table_args__ = (
+        Index("ix_telemetry_windows_version_start", "version_digest", "window_start"),
+        Index("ix_telemetry_windows_received", "version_digest", "received_at"),
+    )
 
 
 def _parse_time(text: str, what: str) -> datetime:

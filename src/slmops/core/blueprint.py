@@ -22,6 +22,13 @@
         # or: pin: q8_0                  # a variant name, a version label or a digest
       runtime: {threads: 4, context_tokens: 2048, port: 8089}
       adaptations: {system_prompt: true, adapter: false}
+      rollout:                           # optional: how releases move (defaults: core.rollout.RolloutPolicy)
+        stages: [0.01, 0.1, 0.5, 1.0]
+        soak_s: 600
+        min_reporting_devices: 3
+        gates:
+          - {name: error-rate, metric: errors, max_increase: 0.01, critical: true}
+          - {name: p95-latency, metric: latency, max_ratio: 1.25, min_samples: 100}
 
 Parsing is strict: unknown fields are errors, and every error names the field path (``spec.selector.arch``).
 """
@@ -35,6 +42,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slmops.core.manifest import canonical_json, digest_bytes
+from slmops.core.rollout import RolloutPolicy
 from slmops.core.selection import VariantPolicy
 from slmops.core.wire import AllowedAdaptations, Capabilities, RuntimeConfig
 from slmops.errors import BlueprintError
@@ -164,6 +172,7 @@ class BlueprintSpec(_Strict):
     variant: VariantSpec = Field(default_factory=VariantSpec)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     adaptations: AllowedAdaptations = Field(default_factory=AllowedAdaptations)
+    rollout: RolloutPolicy | None = None  # how releases of this blueprint move; None = the defaults
 
 
 class Metadata(_Strict):
@@ -192,7 +201,10 @@ class Blueprint(_Strict):
         return self.metadata.name
 
     def to_json_value(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        value = self.model_dump(mode="json", by_alias=True)
+        if value["spec"].get("rollout") is None:
+            value["spec"].pop("rollout", None)  # absent, so blueprints written before it keep their digests
+        return value
 
     @property
     def digest(self) -> str:

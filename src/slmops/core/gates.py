@@ -55,9 +55,10 @@ __all__ = [
     "judge_count_zero",
     "judge_error_rate",
     "judge_latency",
+    "judge_max_rate",
 ]
 
-GateKind = Literal["latency", "error_rate", "count_zero"]
+GateKind = Literal["latency", "error_rate", "count_zero", "max_rate"]
 Verdict = Literal["pass", "fail", "wait"]
 Decision = Literal["promote", "hold", "halt"]
 
@@ -78,13 +79,16 @@ class GateConfig:
     alpha: float = 0.05
     max_ratio: float | None = None
     max_increase: float | None = None
+    max_rate: float | None = None
     critical: bool = False
     quantile: float = 0.95
 
     def __post_init__(self) -> None:
         where = f"gate '{self.name}'"
-        if self.kind not in ("latency", "error_rate", "count_zero"):
-            raise ConfigError(f"{where}: kind must be latency, error_rate or count_zero; got {self.kind!r}")
+        if self.kind not in ("latency", "error_rate", "count_zero", "max_rate"):
+            raise ConfigError(f"{where}: kind must be latency, error_rate, count_zero or max_rate; got {self.kind!r}")
+        if self.kind == "max_rate" and (self.max_rate is None or not (0.0 <= self.max_rate < 1.0)):
+            raise ConfigError(f"{where}: a max_rate gate needs max_rate in [0, 1) (e.g. 0.05); got {self.max_rate!r}")
         if self.min_samples < 1:
             raise ConfigError(f"{where}: min_samples must be at least 1 per group; got {self.min_samples}")
         if not (0.0 < self.alpha < 1.0):
@@ -185,7 +189,7 @@ def _judge_proportions(
         "baseline_total": float(b_total),
     }
     enough = c_total >= config.min_samples and b_total >= config.min_samples
-    if not enough and not (config.critical and c_total > 0 and b_total > 0):
+    if c_total == 0 or b_total == 0 or (not enough and not config.critical):
         return GateResult("wait", _too_few(config, c_total, b_total), numbers, config.name)
     rate_c, rate_b = c_events / c_total, b_events / b_total
     table = [[c_events, c_total - c_events], [b_events, b_total - b_events]]
@@ -247,6 +251,32 @@ def judge_count_zero(
     _check_counts("canary", canary_count, canary_exposure)
     _check_counts("baseline", baseline_count, baseline_exposure)
     return _judge_proportions("occurrence", canary_count, canary_exposure, baseline_count, baseline_exposure, config)
+
+
+def judge_max_rate(events: int, total: int, config: GateConfig) -> GateResult:
+    """Is the canaries' rate of an event (e.g. on-device rollbacks per canary) above ``max_rate``?
+
+    An exact one-sided binomial test of H0 "rate <= max_rate" (``scipy.stats.binomtest``, alternative "greater");
+    fails when significant at ``alpha`` and the observed rate is above ``max_rate``. One rollback among ten
+    canaries at ``max_rate`` 0.05 is not evidence (p = 0.40); three are (p = 0.012).
+    """
+    _expect(config, "max_rate")
+    _check_counts("canary", events, total)
+    limit = config.max_rate if config.max_rate is not None else 0.0
+    numbers: dict[str, float] = {"events": float(events), "total": float(total), "max_rate": limit}
+    if total == 0 or (total < config.min_samples and not config.critical):
+        reason = f"waiting for data: need {config.min_samples} canaries, have {total}"
+        return GateResult("wait", reason, numbers, config.name)
+    rate = events / total
+    p_value = float(_stats().binomtest(events, total, limit, alternative="greater").pvalue) if events else 1.0
+    numbers.update({"rate": rate, "p_value": p_value})
+    summary = f"{events} of {total} canaries ({rate:.1%}) against a limit of {limit:.1%}; binomial p={p_value:.3g}"
+    if p_value < config.alpha and rate > limit:
+        return GateResult("fail", f"too many: {summary} < alpha {config.alpha:g}", numbers, config.name)
+    if total < config.min_samples:
+        reason = f"waiting for data: need {config.min_samples} canaries, have {total}"
+        return GateResult("wait", reason, numbers, config.name)
+    return GateResult("pass", f"within the limit: {summary}", numbers, config.name)
 
 
 def decide(results: Sequence[GateResult]) -> Decision:

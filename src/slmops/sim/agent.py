@@ -10,6 +10,11 @@ the realistic control-plane load (polls and heartbeats) on the server, not the l
 failing probe rolls it back to the previous version (event ``rolled_back``), and the agent does not try that
 version again. Offline periods skip polls; a flaky network loses requests, which are retried with exponential
 backoff and jitter, as are transport errors, 429 and 5xx answers.
+
+Telemetry: every ``telemetry_window_s`` the agent closes a window of ``requests_per_window`` simulated requests on
+its active version (latency and errors from the runtime, so a version bad on one class shows in that class's
+numbers) and posts its buffered windows with ids, as the real agent does; offline, windows stay buffered (at most
+``MAX_BUFFERED_WINDOWS``, the oldest dropped first) and go out when the device is back.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from slmops import __version__
 from slmops.core.wire import (
     API_PREFIX,
     MAX_EVENTS_PER_REPORT,
+    MAX_WINDOWS_PER_BATCH,
     ClaimRequest,
     DesiredState,
     DeviceEvent,
@@ -37,12 +43,16 @@ from slmops.core.wire import (
     EnrollResponse,
     StatusAck,
     StatusReport,
+    TelemetryAck,
+    TelemetryBatch,
+    TelemetryWindow,
     claim_message,
 )
 from slmops.errors import AuthenticationError, UnavailableError
 from slmops.registry.signing import format_public_key
 from slmops.sim.profiles import DeviceProfile
 from slmops.sim.runtime import SimulatedRuntime
+from slmops.telemetry.aggregate import histogram_from_ms
 
 __all__ = ["SimAgent", "sleep_unless_stopped"]
 
@@ -50,6 +60,8 @@ AGENT_VERSION = f"slmops-sim/{__version__}"
 MAX_ATTEMPTS = 6
 BACKOFF_BASE_S = 0.2
 BACKOFF_MAX_S = 10.0
+MAX_BUFFERED_WINDOWS = 50
+TOKENS_PER_REQUEST = 32  # simulated completion length, for the per-token latency
 
 
 def _now() -> str:
@@ -83,8 +95,16 @@ class SimAgent:
         seed: int,
         poll_interval_s: float,
         download_time_scale: float = 1.0,
+        requests_per_window: int = 20,
+        telemetry_window_s: float = 10.0,
     ) -> None:
         self.name = name
+        self.gate: asyncio.Semaphore | None = None  # set by FleetRun: at most max_connections requests in flight
+        self.requests_per_window = requests_per_window
+        self.telemetry_window_s = telemetry_window_s
+        self.windows: list[TelemetryWindow] = []
+        self.window_number = 0
+        self.window_started = time.monotonic()
         self.profile = profile
         self.labels = labels
         self.runtime = runtime
@@ -100,6 +120,7 @@ class SimAgent:
         self.previous_digest: str | None = None
         self.active_label: str | None = None  # "name@version (variant)" of the active version
         self.failed_digests: set[str] = set()
+        self.ever_ran: set[str] = set()  # every version this device activated
         self.events: list[DeviceEvent] = []
         self.counters: Counter[str] = Counter()
         self.enrolled_at: float | None = None  # time.monotonic()
@@ -125,7 +146,11 @@ class SimAgent:
                 if self.rng.random() < self.profile.flaky_network_probability:
                     raise _Lost()
                 self.counters[kind] += 1
-                response = await client.request(method, f"{API_PREFIX}{path}", headers=headers, **kwargs)
+                if self.gate is None:
+                    response = await client.request(method, f"{API_PREFIX}{path}", headers=headers, **kwargs)
+                else:
+                    async with self.gate:  # queue here, not in httpcore's pool (its queue costs O(waiters) per request)
+                        response = await client.request(method, f"{API_PREFIX}{path}", headers=headers, **kwargs)
             except _Lost:
                 self.counters["lost"] += 1
                 last = "lost by the simulated flaky network"
@@ -191,15 +216,25 @@ class SimAgent:
 
     # ------------------------------------------------------------------ the poll loop
 
+    def provision(self, device_id: str, credential: str) -> None:
+        """Start as an already enrolled device (benchmarks insert 10,000 device rows at once instead of enrolling)."""
+        self.device_id, self.credential = device_id, credential
+        self.enrolled_at = time.monotonic()
+        self.phase = "idle"
+
     async def run(self, client: httpx.AsyncClient, token: str, stop: asyncio.Event, start_delay_s: float) -> None:
-        if await sleep_unless_stopped(stop, start_delay_s) or not await self.enroll(client, token, stop):
+        if await sleep_unless_stopped(stop, start_delay_s):
+            return
+        if self.credential is None and not await self.enroll(client, token, stop):
             return
         if await sleep_unless_stopped(stop, self.rng.uniform(0, self.poll_interval_s)):
             return
         while not stop.is_set():
+            self.close_window()
             if not self._offline():
                 try:
                     await self.poll_once(client)
+                    await self.send_telemetry(client)
                 except UnavailableError:
                     self.counters["failed_polls"] += 1
             if await sleep_unless_stopped(stop, self._jittered()):
@@ -242,6 +277,7 @@ class SimAgent:
         if model is None or model.digest == self.active_digest or model.digest in self.failed_digests:
             return
         manifest = model.envelope.manifest
+        self.close_window(force=True)  # the window so far belongs to the version that served it
         self.phase = "downloading"
         await asyncio.sleep(manifest.total_size * self.download_time_scale / self.profile.bandwidth_bytes_per_s)
         label = f"{model.name}@{model.version}" + (f" ({model.variant})" if model.variant else "")
@@ -252,6 +288,7 @@ class SimAgent:
             self._rollback(model.digest, "probe failed")
         else:
             self.previous_digest, self.active_digest, self.active_label = self.active_digest, model.digest, label
+            self.ever_ran.add(model.digest)
             self._event("activated", model.digest, {"from": self.previous_digest})
         self.phase = "serving" if self.active_digest else "idle"
 
@@ -265,6 +302,48 @@ class SimAgent:
             DeviceEvent(id=uuid.uuid4().hex, time=_now(), kind=kind, version_digest=digest, detail=detail)
         )
         del self.events[: -4 * MAX_EVENTS_PER_REPORT]  # bound the buffer if the server stays away
+
+    def close_window(self, force: bool = False) -> None:
+        """Close the telemetry window when it is due: simulated requests on the active version, buffered."""
+        now = time.monotonic()
+        elapsed = now - self.window_started
+        if not force and elapsed < self.telemetry_window_s:
+            return
+        self.window_started = now
+        digest = self.active_digest
+        if digest is None or self.requests_per_window == 0:
+            return
+        self.window_number += 1
+        sample = self.runtime.sample(self.profile, self.name, digest, self.window_number, self.requests_per_window)
+        self.windows.append(
+            TelemetryWindow(
+                id=uuid.uuid4().hex,
+                version_digest=digest,
+                window_start=datetime.fromtimestamp(time.time() - elapsed, UTC).isoformat().replace("+00:00", "Z"),
+                window_s=max(0.001, min(86400.0, elapsed)),
+                requests=sample.requests,
+                errors=sample.errors,
+                completion_tokens=sample.requests * TOKENS_PER_REQUEST,
+                latency_ms=histogram_from_ms(sample.latencies_ms),
+                per_token_ms=histogram_from_ms(v / TOKENS_PER_REQUEST for v in sample.latencies_ms),
+            )
+        )
+        del self.windows[:-MAX_BUFFERED_WINDOWS]
+
+    async def send_telemetry(self, client: httpx.AsyncClient) -> None:
+        """Post the buffered windows; those acknowledged leave the buffer (a retry never double-counts)."""
+        assert self.device_id is not None
+        if not self.windows:
+            return
+        batch = TelemetryBatch(windows=self.windows[:MAX_WINDOWS_PER_BATCH])
+        response = await self._request(
+            client, "telemetry", "POST", f"/devices/{self.device_id}/telemetry", json=batch.model_dump(mode="json")
+        )
+        if response.status_code != 200:
+            self.counters[f"telemetry_http_{response.status_code}"] += 1
+            return
+        accepted = set(TelemetryAck.model_validate_json(response.content).accepted_ids)
+        self.windows = [w for w in self.windows if w.id not in accepted]
 
     async def report(self, client: httpx.AsyncClient) -> None:
         assert self.device_id is not None

@@ -42,6 +42,8 @@ class RuntimeSpec(BaseModel):
     base_latency_ms: float = Field(default=200.0, gt=0)
     base_error_rate: float = Field(default=0.001, ge=0, le=1)
     overrides: tuple[RuntimeOverride, ...] = ()
+    requests_per_window: int = Field(default=20, ge=0, le=100_000)  # simulated requests per telemetry window
+    telemetry_window_s: float = Field(default=10.0, gt=0)  # a window closes at the first poll after this long
 
 
 class FleetSpec(BaseModel):

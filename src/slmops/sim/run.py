@@ -49,7 +49,7 @@ class FleetSummary:
         }
 
 
-_SENT = ("enroll", "claim", "desired", "status")
+_SENT = ("enroll", "claim", "desired", "status", "telemetry")
 
 
 class FleetRun:
@@ -66,8 +66,10 @@ class FleetRun:
         poll_interval_s: float | None = None,
         enroll_spread_s: float = 0.0,
         download_time_scale: float = 1.0,
+        telemetry_window_s: float | None = None,
     ) -> None:
         self.spec = spec
+        self.telemetry_window_s = telemetry_window_s
         self.server_url = server_url.rstrip("/")
         self.enroll_token = enroll_token
         self.max_connections = max_connections
@@ -102,6 +104,8 @@ class FleetRun:
                         seed=self.spec.seed,
                         poll_interval_s=self.poll_interval_s,
                         download_time_scale=self.download_time_scale,
+                        requests_per_window=self.spec.runtime.requests_per_window,
+                        telemetry_window_s=self.telemetry_window_s or self.spec.runtime.telemetry_window_s,
                     )
                 )
         return agents
@@ -113,6 +117,9 @@ class FleetRun:
         self.started = time.monotonic()
         limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
         timeout = httpx.Timeout(self.timeout_s, pool=None)  # waiting for a pooled connection is not a failure
+        gate = asyncio.Semaphore(self.max_connections)
+        for agent in self.agents:
+            agent.gate = gate
         async with httpx.AsyncClient(base_url=self.server_url, limits=limits, timeout=timeout) as client:
             count = len(self.agents)
             tasks = [
@@ -172,7 +179,8 @@ class BackgroundFleet:
         self._ready = threading.Event()
 
     def start(self) -> None:
-        self.fleet.agents = self.fleet.build()  # keys made here, so summary() sees every device from the start
+        if not self.fleet.agents:  # keys made here, so summary() sees every device from the start
+            self.fleet.agents = self.fleet.build()
         self._thread = threading.Thread(target=self._main, name="slmops-sim", daemon=True)
         self._thread.start()
         self._ready.wait(30)

@@ -68,10 +68,13 @@ def merge_histograms(a: Histogram, b: Histogram) -> Histogram:
 
 
 def histogram_samples(histogram: Histogram) -> list[float]:
-    """One representative value per counted sample, for the rank tests of ``core.gates``.
+    """Representative values for the counted samples, for the rank tests and quantiles of ``core.gates``.
 
-    A sample in bucket ``i`` is represented by the bucket's midpoint (``(bounds[i-1] + bounds[i]) / 2``; the first
-    bucket by half its bound); the overflow bucket by its lower bound times 1.5. ``len(result) == sum(counts)``.
+    The ``count`` samples of bucket ``(lo, hi]`` are spread evenly inside it (``lo + (hi - lo) * (j + 0.5) / count``),
+    the assumption Prometheus' ``histogram_quantile`` makes: a quantile then moves smoothly with the data instead of
+    jumping a whole bucket, and a uniform spread treats both groups of a rank test alike. The first bucket starts at
+    0; the overflow bucket spans its lower bound to 1.5 times it. ``len(result) == sum(counts)``, and every value
+    falls in its own bucket.
     """
     bounds = histogram.bounds
     values: list[float] = []
@@ -79,14 +82,13 @@ def histogram_samples(histogram: Histogram) -> list[float]:
         if count <= 0:
             continue
         if not bounds:
-            value = histogram.sum / max(1, sum(histogram.counts))
-        elif i == 0:
-            value = bounds[0] / 2
-        elif i >= len(bounds):
-            value = bounds[-1] * 1.5
+            values.extend([histogram.sum / max(1, sum(histogram.counts))] * count)
+            continue
+        if i >= len(bounds):
+            low, high = bounds[-1], bounds[-1] * 1.5
         else:
-            value = (bounds[i - 1] + bounds[i]) / 2
-        values.extend([value] * count)
+            low, high = (bounds[i - 1] if i > 0 else 0.0), bounds[i]
+        values.extend(low + (high - low) * (j + 0.5) / count for j in range(count))
     return values
 
 
