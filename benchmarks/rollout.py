@@ -426,10 +426,10 @@ def markdown(result: RolloutResult) -> str:
     return "\n".join(lines)
 
 
-def _write(section: str) -> None:
+def _write(section: str, name: str = "rollout") -> None:
     path = REPO / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    begin, end = "<!-- rollout:begin -->", "<!-- rollout:end -->"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     block = f"{begin}\n{section}\n{end}"
     if begin in text and end in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
@@ -444,11 +444,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-s", type=float, default=120.0, help="mean seconds between a device's polls")
     parser.add_argument("--soak-s", type=float, default=60.0, help="soak time per stage (shortened)")
     parser.add_argument("--no-capacity", action="store_true", help="skip the capacity measurement")
+    parser.add_argument("--capacity-only", action="store_true", help="only the capacity measurement (own section)")
     parser.add_argument("--capacity-step-s", type=float, default=10.0)
     parser.add_argument("--write", action="store_true", help="replace the rollout section of BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw result here")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.capacity_only:
+        from benchmarks.capacity import markdown as capacity_markdown
+        from benchmarks.capacity import run_capacity
+
+        measured = run_capacity(args.devices, args.capacity_step_s, progress=True)
+        text = capacity_markdown(measured)
+        print(text)
+        if args.write:
+            _write(
+                f"{text}\n\nRun by `python -m benchmarks.rollout --capacity-only --devices {args.devices} --write`.",
+                "capacity",
+            )
+        return 0
     capacity = None
     if not args.no_capacity:  # first, while the machine is quiet
         from benchmarks.capacity import run_capacity

@@ -120,8 +120,12 @@ def test_rollbacks_are_judged_against_their_rate_limit() -> None:
     failed = judge_max_rate(3, 10, config)
     assert failed.verdict == "fail" and failed.numbers["p_value"] < 0.05
     assert judge_max_rate(0, 0, config).verdict == "wait"
-    many = evaluate_stage(POLICY, 0, soaked_s=0, classes=[_class("a", rolled_back=4, reporting=2)])
+    many = evaluate_stage(POLICY, 0, soaked_s=0, classes=[_class("a", rolled_back=4, switched=2, reporting=2)])
     assert many.decision == "halt" and "rollbacks" in many.reason
+    # A few failures across a big stage are judged against every canary that tried it, not only those that have
+    # reported in this stage so far.
+    few = _class("a", devices=3000, members=1500, online_members=1500, switched=1400, reporting=8, rolled_back=4)
+    assert {g.gate: g.verdict for g in evaluate_stage(POLICY, 2, 0, [few]).classes[0].gates}["rollbacks"] == "pass"
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ Verdicts:
 
 A ``critical`` gate fails at once: a crash gate on the first canary crash; a latency or error-rate gate as soon as
 the evidence is significant and large, even before ``min_samples`` (the exact tests used are valid at any sample
-size). Looking again and again at growing data raises a critical gate's false-alarm rate above ``alpha``; that is
-the price of halting early, which is why only critical gates do it. Passing always needs ``min_samples``.
+size) -- but before ``min_samples`` only at a tenth of ``alpha``, so two errors in the first forty requests do not
+halt a release. Looking again and again at growing data still raises a critical gate's false-alarm rate above
+``alpha``; that is the price of halting early, which is why only critical gates do it. Passing always needs ``min_samples``.
 
 Tests chosen:
 
@@ -154,7 +155,7 @@ def judge_latency(canary: Sequence[float], baseline: Sequence[float], config: Ga
     ratio = _ratio(q_c, q_b)
     label = f"p{round(config.quantile * 100):g}"
     numbers.update({"p_value": p_value, f"canary_{label}": q_c, f"baseline_{label}": q_b, "ratio": ratio})
-    significant = p_value < config.alpha
+    significant = p_value < _level(config, enough)
     large = config.max_ratio is None or ratio > config.max_ratio
     limit = "" if config.max_ratio is None else f" (limit {config.max_ratio:g})"
     summary = (
@@ -165,6 +166,16 @@ def judge_latency(canary: Sequence[float], baseline: Sequence[float], config: Ga
     if not enough:
         return GateResult("wait", _too_few(config, n_c, n_b), numbers, config.name)
     return GateResult("pass", f"no significant and large latency regression: {summary}", numbers, config.name)
+
+
+EARLY_ALPHA_DIVISOR = 10.0
+
+
+def _level(config: GateConfig, enough: bool) -> float:
+    """The significance level of a look: ``alpha`` once ``min_samples`` are in; before that (critical gates only)
+    a tenth of it, so the early, repeated looks on few samples spend little of the false-alarm budget, as
+    group-sequential designs do."""
+    return config.alpha if enough else config.alpha / EARLY_ALPHA_DIVISOR
 
 
 def _too_few(config: GateConfig, n_c: int, n_b: int) -> str:
@@ -197,7 +208,7 @@ def _judge_proportions(
     increase, ratio = rate_c - rate_b, _ratio(rate_c, rate_b)
     numbers.update({"canary_rate": rate_c, "baseline_rate": rate_b, "increase": increase, "ratio": ratio})
     numbers["p_value"] = p_value
-    significant = p_value < config.alpha
+    significant = p_value < _level(config, enough)
     large = (config.max_increase is None or increase > config.max_increase) and (
         config.max_ratio is None or ratio > config.max_ratio
     )
@@ -271,7 +282,7 @@ def judge_max_rate(events: int, total: int, config: GateConfig) -> GateResult:
     p_value = float(_stats().binomtest(events, total, limit, alternative="greater").pvalue) if events else 1.0
     numbers.update({"rate": rate, "p_value": p_value})
     summary = f"{events} of {total} canaries ({rate:.1%}) against a limit of {limit:.1%}; binomial p={p_value:.3g}"
-    if p_value < config.alpha and rate > limit:
+    if p_value < _level(config, total >= config.min_samples) and rate > limit:
         return GateResult("fail", f"too many: {summary} < alpha {config.alpha:g}", numbers, config.name)
     if total < config.min_samples:
         reason = f"waiting for data: need {config.min_samples} canaries, have {total}"

@@ -176,7 +176,7 @@ class ClassEvidence:
     online_members: int  # canaries heard from recently
     switched: int  # canaries whose active version is the new one
     reporting: int  # canaries that sent telemetry on the new version in this stage
-    rolled_back: int  # canaries that rolled the new version back on the device (whole release)
+    rolled_back: int  # canaries that failed the new version on the device: rolled back or failed its probe (release)
     canary: GroupTotals = field(default_factory=GroupTotals)
     baseline: GroupTotals = field(default_factory=GroupTotals)
 
@@ -235,7 +235,8 @@ def _judge(spec: GateSpec, ev: ClassEvidence, has_baseline: bool) -> GateResult:
     config = spec.config()
     c, b = ev.canary, ev.baseline
     if spec.metric == "rollbacks":
-        attempted = ev.reporting + ev.rolled_back
+        # Both counts cover the whole release: canaries running the new version now, and those that failed it.
+        attempted = ev.switched + ev.rolled_back
         return judge_max_rate(ev.rolled_back, attempted, config)
     if spec.metric == "crashes":
         return judge_count_zero(
