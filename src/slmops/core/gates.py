@@ -16,7 +16,8 @@ A ``critical`` gate fails at once: a crash gate on the first canary crash; a lat
 the evidence is significant and large, even before ``min_samples`` (the exact tests used are valid at any sample
 size) -- but before ``min_samples`` only at a tenth of ``alpha``, so two errors in the first forty requests do not
 halt a release. Looking again and again at growing data still raises a critical gate's false-alarm rate above
-``alpha``; that is the price of halting early, which is why only critical gates do it. Passing always needs ``min_samples``.
+``alpha``; that is the price of halting early, which is why only critical gates do it. Passing always needs
+``min_samples``.
 
 Tests chosen:
 
