@@ -226,6 +226,32 @@ def _profiles() -> list[Any]:
     return [*BUILTIN_PROFILES.values(), gateway]
 
 
+def register_tiny_model(registry: Any, models: Path) -> Any:
+    """A tiny GGUF ``tiny`` as a base version and two variants (q8_0, q4_0) with measured-looking metrics, so a
+    memory policy picks a different one per device class. Returns the base's signed manifest."""
+    from slmops.core.manifest import Lineage, Recipe, RecipeStep, Source
+
+    base = registry.import_model(_write_gguf(models / "base.gguf", seed=1), "tiny").envelope
+    for variant, seed, ppl, rss in (("q8_0", 2, 10.1, 3 * _GIB), ("q4_0", 3, 11.0, int(0.9 * _GIB))):
+        path = _write_gguf(models / f"{variant}.gguf", seed=seed, file_type=1)
+        registry.register(
+            "tiny",
+            "gguf",
+            {path.name: path},
+            facts=base.manifest.facts,
+            runtime=base.manifest.runtime,
+            weight_bytes=path.stat().st_size,
+            source=Source(kind="derived", origin=base.digest),
+            lineage=Lineage(
+                parents=[base.digest],
+                recipe=Recipe(name="benchmark", steps=[RecipeStep(pass_name="quantize", params={})]),
+            ),
+            variant=variant,
+            metrics={"perplexity": ppl, "peak_rss_bytes": float(rss)},
+        )
+    return base
+
+
 def provision(home: Path, devices: int) -> tuple[list[tuple[str, str, str]], dict[str, int]]:
     """A registry with a model, a blueprint for every device and ``devices`` approved devices in ``home``.
 
@@ -240,31 +266,12 @@ def provision(home: Path, devices: int) -> tuple[list[tuple[str, str, str]], dic
     from slmops.control.service import ControlPlane
     from slmops.control.settings import ServerSettings
     from slmops.core.device_class import device_class
-    from slmops.core.manifest import Lineage, Recipe, RecipeStep, Source
     from slmops.registry.signing import format_public_key
 
     plane = ControlPlane.open(ServerSettings(home=home, database_url=None))
     try:
         registry = plane.registry
-        models = home.parent / "models"
-        base = registry.import_model(_write_gguf(models / "base.gguf", seed=1), "tiny").envelope
-        for variant, seed, ppl, rss in (("q8_0", 2, 10.1, 3 * _GIB), ("q4_0", 3, 11.0, int(0.9 * _GIB))):
-            path = _write_gguf(models / f"{variant}.gguf", seed=seed, file_type=1)
-            registry.register(
-                "tiny",
-                "gguf",
-                {path.name: path},
-                facts=base.manifest.facts,
-                runtime=base.manifest.runtime,
-                weight_bytes=path.stat().st_size,
-                source=Source(kind="derived", origin=base.digest),
-                lineage=Lineage(
-                    parents=[base.digest],
-                    recipe=Recipe(name="capacity", steps=[RecipeStep(pass_name="quantize", params={})]),
-                ),
-                variant=variant,
-                metrics={"perplexity": ppl, "peak_rss_bytes": float(rss)},
-            )
+        register_tiny_model(registry, home.parent / "models")
         plane.apply(BLUEPRINT, created_by="benchmark")
 
         profiles = _profiles()

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.capacity import REPO, _free_port, _machine, _server, _write_gguf
+from benchmarks.capacity import REPO, _free_port, _machine, _server, _write_gguf, register_tiny_model
 
 __all__ = ["RolloutResult", "markdown", "run_rollout"]
 
@@ -118,31 +118,13 @@ def _provision(home: Path) -> tuple[dict[str, str], str]:
     """Registry, blueprint and an admin token; returns (digests and versions by name, admin token)."""
     from slmops.control.service import ControlPlane
     from slmops.control.settings import ServerSettings
-    from slmops.core.manifest import Lineage, Recipe, RecipeStep, Source
 
     plane = ControlPlane.open(ServerSettings(home=home, database_url=None))
     try:
         registry = plane.registry
         registry.keys.ensure_signing_key()
         models = home.parent / "models"
-        base = registry.import_model(_write_gguf(models / "base.gguf", seed=1), "tiny").envelope
-        for variant, seed, ppl, rss in (("q8_0", 2, 10.1, 3 * _GIB), ("q4_0", 3, 11.0, int(0.9 * _GIB))):
-            path = _write_gguf(models / f"{variant}.gguf", seed=seed, file_type=1)
-            registry.register(
-                "tiny",
-                "gguf",
-                {path.name: path},
-                facts=base.manifest.facts,
-                runtime=base.manifest.runtime,
-                weight_bytes=path.stat().st_size,
-                source=Source(kind="derived", origin=base.digest),
-                lineage=Lineage(
-                    parents=[base.digest],
-                    recipe=Recipe(name="bench", steps=[RecipeStep(pass_name="quantize", params={})]),
-                ),
-                variant=variant,
-                metrics={"perplexity": ppl, "peak_rss_bytes": float(rss)},
-            )
+        register_tiny_model(registry, models)
         good = registry.import_model(_write_gguf(models / "good.gguf", seed=7), "tiny").envelope
         bad = registry.import_model(_write_gguf(models / "bad.gguf", seed=8), "tiny").envelope
         plane.apply(BLUEPRINT, created_by="benchmark")

@@ -158,7 +158,9 @@ def test_a_simulated_fleet_gets_its_variant_per_class_and_converges_on_a_new_ver
     # Assert: the simulator saw the same, with no device task failing, mostly through the 304 fast path.
     assert summary.errors == {}
     assert summary.by_version["small"] == {f"tiny@{new.manifest.version}": DEVICES * 3 // 10}
-    assert summary.requests["desired_304"] > summary.requests["desired_200"]
+    # The 304 fast path: a device gets a 200 only when its desired state changed (none, v1's variant, the new
+    # version: at most three per device), every other poll is a 304.
+    assert summary.requests["desired_304"] > 0 and summary.requests["desired_200"] <= 3 * DEVICES
     print(
         f"\nsim: {DEVICES} devices enrolled in {enroll_s:.1f} s ({DEVICES / max(enroll_s, 1e-9):.0f}/s); "
         f"variant per class in {first_s:.1f} s; new version in {second_s:.1f} s; "
