@@ -68,7 +68,6 @@ from slmops.core.cohorts import members_with_history
 from slmops.core.desired import ranked_matches
 from slmops.core.manifest import canonical_json
 from slmops.core.rollout import (
-    LATENCY_METRICS,
     ClassEvidence,
     GroupTotals,
     RolloutPolicy,
@@ -539,7 +538,6 @@ class _Group:
         samples: dict[str, Sequence[float]] = {
             metric: histogram_samples(Histogram(bounds=list(LATENCY_BUCKETS_MS), counts=counts))
             for metric, counts in self.counts.items()
-            if metric in LATENCY_METRICS
         }
         return GroupTotals(
             devices=len(self.devices),

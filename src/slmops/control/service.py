@@ -13,7 +13,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -608,12 +608,6 @@ class ControlPlane:
             state = state.model_copy(update={"reason": reason})
             return state.model_copy(update={"generation": generation_of(state)})
         return desired_state(facts, applied, world.candidates.for_blueprints(matched[:1]))
-
-    def desired_for_facts(self, facts: Mapping[str, DeviceFacts]) -> dict[str, DesiredState]:
-        """Desired state of many devices at once (the rollout controller's view), from a fresh world."""
-        self.invalidate()
-        world = self.world()
-        return {device_id: self._desired_in(world, f) for device_id, f in facts.items()}
 
     def blob_allowed(self, device_id: str, digest: str) -> bool:
         """Whether a device may download a blob: only the files of the version its desired state names."""
