@@ -262,8 +262,10 @@ def provision(home: Path, devices: int) -> tuple[list[tuple[str, str, str]], dic
     from sqlalchemy.orm import Session
 
     from slmops.control.auth import DEVICE_PREFIX, hash_secret, new_secret
+    from slmops.control.blueprints import apply_blueprint
     from slmops.control.db import DeviceRow
-    from slmops.control.service import ControlPlane
+    from slmops.control.desired_state import desired_state_for
+    from slmops.control.plane import ControlPlane
     from slmops.control.settings import ServerSettings
     from slmops.core.device_class import device_class
     from slmops.registry.signing import format_public_key
@@ -272,7 +274,7 @@ def provision(home: Path, devices: int) -> tuple[list[tuple[str, str, str]], dic
     try:
         registry = plane.registry
         register_tiny_model(registry, home.parent / "models")
-        plane.apply(BLUEPRINT, created_by="benchmark")
+        apply_blueprint(plane, BLUEPRINT, created_by="benchmark")
 
         profiles = _profiles()
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -307,7 +309,10 @@ def provision(home: Path, devices: int) -> tuple[list[tuple[str, str, str]], dic
                 session.execute(insert(DeviceRow), rows[start : start + 2000])
             session.commit()
         # Each device's current generation, as its agent would hold it after its last poll.
-        fleet = [(device_id, credential, plane.desired(device_id).generation) for device_id, credential in credentials]
+        fleet = [
+            (device_id, credential, desired_state_for(plane, device_id).generation)
+            for device_id, credential in credentials
+        ]
     finally:
         plane.close()
     return fleet, dict(sorted(classes.items()))

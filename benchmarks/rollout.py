@@ -116,7 +116,9 @@ class RolloutResult:
 
 def _provision(home: Path) -> tuple[dict[str, str], str]:
     """Registry, blueprint and an admin token; returns (digests and versions by name, admin token)."""
-    from slmops.control.service import ControlPlane
+    from slmops.control.blueprints import apply_blueprint
+    from slmops.control.credentials import create_api_token
+    from slmops.control.plane import ControlPlane
     from slmops.control.settings import ServerSettings
 
     plane = ControlPlane.open(ServerSettings(home=home, database_url=None))
@@ -127,8 +129,8 @@ def _provision(home: Path) -> tuple[dict[str, str], str]:
         register_tiny_model(registry, models)
         good = registry.import_model(_write_gguf(models / "good.gguf", seed=7), "tiny").envelope
         bad = registry.import_model(_write_gguf(models / "bad.gguf", seed=8), "tiny").envelope
-        plane.apply(BLUEPRINT, created_by="benchmark")
-        token = plane.create_api_token("bench", "admin", "benchmark").token
+        apply_blueprint(plane, BLUEPRINT, created_by="benchmark")
+        token = create_api_token(plane, "bench", "admin", "benchmark").token
     finally:
         plane.close()
     names = {"good": good.digest, "bad": bad.digest}
@@ -190,8 +192,7 @@ def run_rollout(
     from sqlalchemy import func, select
     from sqlalchemy.orm import Session
 
-    from slmops.control.db import DeviceRow, ReleaseEventRow
-    from slmops.control.telemetry import TelemetryWindowRow
+    from slmops.control.db import DeviceRow, ReleaseEventRow, TelemetryWindowRow
     from slmops.registry.db import make_engine
     from slmops.sim import BackgroundFleet, FleetRun, parse_fleet
 

@@ -24,9 +24,11 @@ from rich.console import Console
 from slmops.cli import rollout as rollout_cli
 from slmops.cli import run
 from slmops.cli._common import console as cli_console
+from slmops.control.blueprints import apply_blueprint
+from slmops.control.credentials import create_api_token
+from slmops.control.plane import ControlPlane
 from slmops.control.rollouts import RolloutController, abort_release, promote_release, release
 from slmops.control.schemas import ClassProgress, ReleasePublic
-from slmops.control.service import ControlPlane
 from slmops.control.settings import ServerSettings
 from slmops.registry.db import make_engine, migrate
 from tests.control.conftest import Clock, Device, GiB, make_plane, register_variants
@@ -83,10 +85,10 @@ def control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Control
     register_variants(plane.registry, tmp_path, "tiny")  # tiny@v1..v3
     (tmp_path / "new").mkdir()
     register_variants(plane.registry, tmp_path / "new", "tiny")  # tiny@v4..v6
-    plane.apply(BLUEPRINT, "test")
+    apply_blueprint(plane, BLUEPRINT, "test")
     fleet = Fleet(plane, clock, lambda gib=8: Device(Ed25519PrivateKey.generate(), int(gib * GiB)), n=8)
     fleet.sync()
-    token = plane.create_api_token("root", "admin", "test").token
+    token = create_api_token(plane, "root", "admin", "test").token
     monkeypatch.setenv("SLMOPS_TOKEN", token)
     monkeypatch.setattr(cli_console, "_width", 240)  # no wrapping in the captured output
     try:

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import StaticPool
 
 import slmops.control.db  # noqa: F401  (control tables on Base.metadata)
-from slmops.control.service import ControlPlane
+from slmops.control.plane import ControlPlane
 from slmops.control.settings import ServerSettings
 from slmops.core.manifest import Lineage, ModelFacts, RuntimeHints, SignedManifest, Source
 from slmops.core.wire import Capabilities, EnrollRequest, claim_message

@@ -9,7 +9,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from slmops.control.app import create_app
-from slmops.control.service import ControlPlane
+from slmops.control.credentials import create_api_token
+from slmops.control.enrollment import trusted_keys
+from slmops.control.plane import ControlPlane
 from tests.control.conftest import Clock, Device, Variants, register_variants
 
 BLUEPRINT = """
@@ -40,7 +42,7 @@ def api(file_plane: ControlPlane) -> Iterator[TestClient]:
 
 @pytest.fixture
 def admin(file_plane: ControlPlane) -> dict[str, str]:
-    return bearer(file_plane.create_api_token("root", "admin", "test").token)
+    return bearer(create_api_token(file_plane, "root", "admin", "test").token)
 
 
 @pytest.fixture
@@ -62,7 +64,7 @@ def enroll(api: TestClient, admin: dict[str, str]) -> Callable[..., tuple[str, d
 
 
 def test_no_credential_is_401_and_a_viewer_cannot_apply(api: TestClient, file_plane: ControlPlane) -> None:
-    viewer = bearer(file_plane.create_api_token("v", "viewer", "t").token)
+    viewer = bearer(create_api_token(file_plane, "v", "viewer", "t").token)
 
     anonymous = api.get("/api/v1/devices")
     unknown = api.get("/api/v1/devices", headers=bearer("slmops_op_nope"))
@@ -95,7 +97,7 @@ def test_enroll_wait_for_approval_then_claim_with_the_device_key(
     credential = bearer(claimed.json()["credential"])
 
     assert pending.status_code == 202 and pending.json()["credential"] is None
-    assert pending.json()["trusted_keys"] == file_plane.trusted_keys() and pending.json()["trusted_keys"]
+    assert pending.json()["trusted_keys"] == trusted_keys(file_plane) and pending.json()["trusted_keys"]
     assert still_pending.status_code == 202
     assert forged.status_code == 401 and stale.status_code == 401 and "clock" in stale.json()["message"]
     assert approved.json()["state"] == "approved" and approved.json()["labels"] == {"ring": "canary", "site": "b3"}
@@ -284,3 +286,57 @@ def test_the_openapi_document_declares_auth_and_responses(api: TestClient) -> No
             if path not in ("/api/v1/health", "/api/v1/enroll", "/api/v1/enroll/claim"):
                 assert operation.get("security") == [{"bearer": []}], (method, path)
                 assert "401" in operation["responses"], (method, path)
+
+
+def test_a_replayed_claim_is_refused_and_the_device_keeps_its_credential(
+    api: TestClient, admin: dict[str, str], new_device: Callable[..., Device], clock: Clock
+) -> None:
+    device = new_device()
+    token = api.post("/api/v1/enrollment-tokens", json={}, headers=admin).json()["token"]
+    device_id = api.post("/api/v1/enroll", json=device.enroll_request(token).model_dump(mode="json")).json()[
+        "device_id"
+    ]
+    api.post(f"/api/v1/devices/{device_id}/approve", headers=admin)
+    now = int(clock().timestamp())
+    signed = device.claim_body(device_id, now)
+
+    claimed = api.post("/api/v1/enroll/claim", json=signed)
+    replayed = api.post("/api/v1/enroll/claim", json=signed)
+    older = api.post("/api/v1/enroll/claim", json=device.claim_body(device_id, now - 1))
+    credential = bearer(claimed.json()["credential"])
+
+    assert claimed.status_code == 200
+    assert replayed.status_code == 409 and replayed.json()["code"] == "conflict"
+    assert "sign a new claim with the current time" in replayed.json()["message"].lower()
+    assert older.status_code == 409
+    assert api.get(f"/api/v1/devices/{device_id}/desired", headers=credential).status_code == 200
+
+    clock.advance(1)
+    fresh = api.post("/api/v1/enroll/claim", json=device.claim_body(device_id, now + 1))
+    assert fresh.status_code == 200 and fresh.json()["credential"] != claimed.json()["credential"]
+    assert (
+        api.get(f"/api/v1/devices/{device_id}/desired", headers=bearer(fresh.json()["credential"])).status_code == 200
+    )
+    assert api.get(f"/api/v1/devices/{device_id}/desired", headers=credential).status_code == 401  # replaced
+
+
+def test_the_last_active_admin_token_cannot_be_revoked(api: TestClient, admin: dict[str, str]) -> None:
+    viewer = api.post("/api/v1/tokens", json={"name": "watcher", "role": "viewer"}, headers=admin)
+    assert api.post("/api/v1/tokens/watcher/revoke", headers=admin).json()["revoked"] is True
+
+    refused = api.post("/api/v1/tokens/root/revoke", headers=admin)
+
+    assert viewer.status_code == 201
+    assert refused.status_code == 409 and refused.json()["code"] == "conflict"
+    assert "create another admin token first" in refused.json()["message"].lower()
+    assert api.get("/api/v1/tokens", headers=admin).status_code == 200  # still an admin
+
+    second = bearer(api.post("/api/v1/tokens", json={"name": "second", "role": "admin"}, headers=admin).json()["token"])
+    revoked = api.post("/api/v1/tokens/root/revoke", headers=second)
+    last = api.post("/api/v1/tokens/second/revoke", headers=second)
+
+    assert revoked.status_code == 200 and revoked.json()["revoked"] is True
+    assert api.get("/api/v1/tokens", headers=admin).status_code == 401
+    assert last.status_code == 409
+    tokens = {t["name"]: t["revoked"] for t in api.get("/api/v1/tokens", headers=second).json()}
+    assert tokens == {"root": True, "second": False, "watcher": True}

@@ -11,9 +11,12 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from slmops.control.blueprints import apply_blueprint, get_blueprint, list_blueprints
 from slmops.control.db import ApiTokenRow, BlueprintRow, DeviceRow, EnrollmentTokenRow
+from slmops.control.devices import approve_device, device_events, get_device, list_devices, report_status, revoke_device
+from slmops.control.enrollment import create_enrollment_token, enroll_device, list_enrollment_tokens
+from slmops.control.plane import ControlPlane
 from slmops.control.repository import ControlRepository
-from slmops.control.service import ControlPlane
 from slmops.core.wire import DeviceEvent, StatusReport
 from slmops.errors import ConflictError, PermissionDeniedError
 from slmops.registry.db import Base
@@ -107,8 +110,8 @@ def test_concurrent_enrollments_never_exceed_max_uses(
 ) -> None:
     if engine.url.database in (None, "", ":memory:"):
         pytest.skip("one shared in-memory connection cannot run transactions concurrently")
-    token = plane.create_enrollment_token(
-        max_uses=3, expires_in_s=600, auto_approve=False, labels={}, created_by="t"
+    token = create_enrollment_token(
+        plane, max_uses=3, expires_in_s=600, auto_approve=False, labels={}, created_by="t"
     ).token
     devices = [new_device() for _ in range(8)]
     outcomes: list[str] = []
@@ -116,7 +119,7 @@ def test_concurrent_enrollments_never_exceed_max_uses(
 
     def enroll(device: Device) -> None:
         try:
-            plane.enroll(device.enroll_request(token))
+            enroll_device(plane, device.enroll_request(token))
             result = "ok"
         except PermissionDeniedError:
             result = "refused"
@@ -130,51 +133,115 @@ def test_concurrent_enrollments_never_exceed_max_uses(
         t.join()
 
     assert sorted(outcomes) == ["ok"] * 3 + ["refused"] * 5
-    assert plane.enrollment_tokens()[0].uses == 3
-    assert len(plane.devices()) == 3
+    assert list_enrollment_tokens(plane)[0].uses == 3
+    assert len(list_devices(plane)) == 3
 
 
 def test_status_events_are_stored_once_whatever_the_retries(
     plane: ControlPlane, new_device: Callable[..., Device], clock: Clock
 ) -> None:
-    token = plane.create_enrollment_token(max_uses=1, expires_in_s=60, auto_approve=True, labels={}, created_by="t")
-    device_id = plane.enroll(new_device().enroll_request(token.token)).device_id
+    token = create_enrollment_token(plane, max_uses=1, expires_in_s=60, auto_approve=True, labels={}, created_by="t")
+    device_id = enroll_device(plane, new_device().enroll_request(token.token)).device_id
     event = DeviceEvent(id="e1", time="2025-06-01T12:00:00Z", kind="activated", detail={"n": 1})
     second = DeviceEvent(id="e2", time="2025-06-01T12:00:01Z", kind="probe_failed")
 
-    first_ack = plane.report_status(device_id, StatusReport(phase="serving", events=[event]))
-    again_ack = plane.report_status(device_id, StatusReport(phase="serving", events=[event, second, second]))
+    first_ack = report_status(plane, device_id, StatusReport(phase="serving", events=[event]))
+    again_ack = report_status(plane, device_id, StatusReport(phase="serving", events=[event, second, second]))
 
     assert first_ack.accepted_event_ids == ["e1"]
     assert again_ack.accepted_event_ids == ["e1", "e2"]
-    assert [e.id for e in plane.device_events(device_id)] == ["e2", "e1"]
-    assert plane.device(device_id).online is True
+    assert [e.id for e in device_events(plane, device_id)] == ["e2", "e1"]
+    assert get_device(plane, device_id).online is True
     clock.advance(60 + 30 + 1)
-    assert plane.device(device_id).online is False
+    assert get_device(plane, device_id).online is False
 
 
 def test_blueprint_apply_is_idempotent_and_versioned(plane: ControlPlane) -> None:
     text = "apiVersion: slmops/v1\nkind: Blueprint\nmetadata: {name: b}\nspec:\n  model: {name: tiny}\n"
 
-    first = plane.apply(text, "t")
-    same = plane.apply(text + "\n# a comment changes nothing\n", "t")
-    changed = plane.apply(text.replace("{name: tiny}", "{name: tiny, ref: v2}"), "t")
+    first = apply_blueprint(plane, text, "t")
+    same = apply_blueprint(plane, text + "\n# a comment changes nothing\n", "t")
+    changed = apply_blueprint(plane, text.replace("{name: tiny}", "{name: tiny, ref: v2}"), "t")
 
     assert (first.revision, first.created) == (1, True)
     assert (same.revision, same.created) == (1, False)
     assert (changed.revision, changed.created) == (2, True)
-    assert [b.revision for b in plane.blueprints()] == [2]
-    assert plane.blueprint("b", 1).model == "tiny@latest"
+    assert [b.revision for b in list_blueprints(plane)] == [2]
+    assert get_blueprint(plane, "b", 1).model == "tiny@latest"
     assert first.warnings and "does not resolve" in first.warnings[0]
 
 
 def test_revoked_devices_stay_revoked(plane: ControlPlane, new_device: Callable[..., Device]) -> None:
-    token = plane.create_enrollment_token(max_uses=5, expires_in_s=60, auto_approve=False, labels={}, created_by="t")
+    token = create_enrollment_token(plane, max_uses=5, expires_in_s=60, auto_approve=False, labels={}, created_by="t")
     device = new_device()
-    device_id = plane.enroll(device.enroll_request(token.token)).device_id
-    plane.revoke(device_id)
+    device_id = enroll_device(plane, device.enroll_request(token.token)).device_id
+    revoke_device(plane, device_id)
 
     with pytest.raises(ConflictError):
-        plane.approve(device_id)
+        approve_device(plane, device_id)
     with pytest.raises(PermissionDeniedError):
-        plane.enroll(device.enroll_request(token.token))
+        enroll_device(plane, device.enroll_request(token.token))
+
+
+def _device_row(device_id: str, state: str = "approved") -> DeviceRow:
+    return DeviceRow(
+        id=device_id,
+        public_key=f"ed25519 {device_id}",
+        state=state,
+        credential_hash=None,
+        hostname="h",
+        labels={},
+        capabilities={},
+        device_class="x86_64-8gb",
+        enrolled_at="t",
+        updated_at="t",
+    )
+
+
+def test_a_claim_is_recorded_once_and_only_when_newer(engine: Engine) -> None:
+    with Session(engine) as session:
+        repo = ControlRepository(session)
+        repo.add_device(_device_row("dev-1"))
+        repo.add_device(_device_row("dev-2", state="pending"))
+        session.commit()
+
+    with Session(engine) as session:
+        repo = ControlRepository(session)
+        first = repo.record_claim("dev-1", 1000, "a" * 64, "t1")
+        replay = repo.record_claim("dev-1", 1000, "b" * 64, "t2")
+        older = repo.record_claim("dev-1", 999, "c" * 64, "t3")
+        newer = repo.record_claim("dev-1", 1001, "d" * 64, "t4")
+        pending = repo.record_claim("dev-2", 1000, "e" * 64, "t5")
+        session.commit()
+        row = repo.device("dev-1")
+
+        assert (first, replay, older, newer, pending) == (True, False, False, True, False)
+        assert row is not None and (row.credential_hash, row.last_claim_timestamp, row.updated_at) == (
+            "d" * 64,
+            1001,
+            "t4",
+        )
+
+
+def test_the_last_active_admin_token_is_never_revoked(engine: Engine) -> None:
+    with Session(engine) as session:
+        repo = ControlRepository(session)
+        for name, role, revoked in [
+            ("a", "admin", False),
+            ("b", "admin", False),
+            ("c", "admin", True),
+            ("v", "viewer", False),
+        ]:
+            repo.add_api_token(
+                ApiTokenRow(name=name, role=role, token_hash=name * 64, created_at="t", created_by="t", revoked=revoked)
+            )
+        session.commit()
+
+    with Session(engine) as session:
+        repo = ControlRepository(session)
+        results = [repo.revoke_api_token(name) for name in ("a", "b", "v")]
+        session.commit()
+        states = {t.name: t.revoked for t in repo.api_tokens()}
+
+    assert results == [True, False, True]
+    assert states == {"a": True, "b": False, "c": True, "v": True}

@@ -16,12 +16,15 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from slmops.control.blueprints import apply_blueprint, get_blueprint
 from slmops.control.db import ReleaseMemberRow
+from slmops.control.desired_state import desired_state_for
+from slmops.control.devices import get_device, report_status
+from slmops.control.enrollment import create_enrollment_token, enroll_device
+from slmops.control.plane import ControlPlane
 from slmops.control.rollouts import (
-    ReleaseStart,
     RolloutController,
     abort_release,
-    acquire_lease,
     pause_release,
     promote_release,
     release,
@@ -29,7 +32,7 @@ from slmops.control.rollouts import (
     resume_release,
     start_release,
 )
-from slmops.control.service import ControlPlane
+from slmops.control.schemas import ReleaseStart
 from slmops.control.settings import ServerSettings
 from slmops.control.telemetry import store_telemetry
 from slmops.core.rollout import GateSpec, RolloutPolicy
@@ -64,15 +67,15 @@ class Fleet:
 
     def __init__(self, plane: ControlPlane, clock: Clock, new_device: Callable[..., Device], n: int = 20) -> None:
         self.plane, self.clock = plane, clock
-        token = plane.create_enrollment_token(
-            max_uses=1000, expires_in_s=None, auto_approve=True, labels={}, created_by="test"
+        token = create_enrollment_token(
+            plane, max_uses=1000, expires_in_s=None, auto_approve=True, labels={}, created_by="test"
         ).token
         self.classes: dict[str, str] = {}
         self.active: dict[str, str | None] = {}
         self.events: dict[str, list[DeviceEvent]] = {}
         for i in range(n):
-            answer = plane.enroll(new_device(8 if i % 2 else 16).enroll_request(token))
-            self.classes[answer.device_id] = plane.device(answer.device_id).device_class
+            answer = enroll_device(plane, new_device(8 if i % 2 else 16).enroll_request(token))
+            self.classes[answer.device_id] = get_device(plane, answer.device_id).device_class
             self.active[answer.device_id] = None
             self.events[answer.device_id] = []
         self.ever_ran: dict[str, set[str]] = {d: set() for d in self.classes}
@@ -88,7 +91,7 @@ class Fleet:
         for device_id in self.classes:
             if device_id in offline:
                 continue
-            desired = self.plane.desired(device_id).model
+            desired = desired_state_for(self.plane, device_id).model
             if desired is not None and desired.digest != self.active[device_id]:
                 if fail_on is not None and fail_on(device_id, desired.digest):
                     self.events[device_id].append(_event(failure, desired.digest))
@@ -98,7 +101,7 @@ class Fleet:
             report = StatusReport(
                 phase="serving", health="ok", active_digest=self.active[device_id], events=self.events[device_id]
             )
-            self.plane.report_status(device_id, report)
+            report_status(self.plane, device_id, report)
             self.events[device_id] = []
 
     def telemetry(
@@ -151,7 +154,7 @@ def setup(
     old = register_variants(plane.registry, tmp_path, "tiny")
     (tmp_path / "new").mkdir()
     new = register_variants(plane.registry, tmp_path / "new", "tiny")
-    plane.apply(BLUEPRINT, "test")
+    apply_blueprint(plane, BLUEPRINT, "test")
     fleet = Fleet(plane, clock, new_device)
     fleet.sync()
     return plane, fleet, old, new
@@ -195,9 +198,9 @@ def test_a_healthy_release_goes_through_every_stage_and_the_blueprint_then_names
     promoted = next(e for e in release_events(plane, started.id) if e.kind == "promoted")
     gates = {g["gate"]: g for c in promoted.numbers["classes"] for g in c["gates"]}
     assert gates["latency"]["verdict"] == "pass" and "p_value" in gates["latency"]["numbers"]
-    blueprint = plane.blueprint("shops")
+    blueprint = get_blueprint(plane, "shops")
     assert blueprint.revision == 2 and blueprint.model == "tiny@v4"
-    assert plane.desired(next(iter(fleet.classes))).reason.count("canary") == 0
+    assert desired_state_for(plane, next(iter(fleet.classes))).reason.count("canary") == 0
 
 
 def test_a_release_bad_on_one_class_halts_in_stage_one_and_every_device_returns(setup) -> None:  # type: ignore[no-untyped-def]
@@ -314,12 +317,3 @@ def test_one_controller_holds_the_lease_and_another_resumes_after_it_stops(setup
         if release(plane, started.id).state != "running":
             break
     assert release(plane, started.id).state == "completed"
-
-
-def test_acquire_lease_is_exclusive(plane: ControlPlane) -> None:
-    assert acquire_lease(plane.engine, "job", "a", 10, now=100.0)
-    assert not acquire_lease(plane.engine, "job", "b", 10, now=105.0)
-    assert acquire_lease(plane.engine, "job", "a", 10, now=109.0)  # renewed until 119
-    assert not acquire_lease(plane.engine, "job", "b", 10, now=118.0)
-    assert acquire_lease(plane.engine, "job", "b", 10, now=120.0)
-    assert not acquire_lease(plane.engine, "job", "a", 10, now=121.0)

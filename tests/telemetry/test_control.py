@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 
 from slmops.cli import run
 from slmops.control.app import create_app
-from slmops.control.service import ControlPlane
+from slmops.control.credentials import create_api_token
+from slmops.control.plane import ControlPlane
 from slmops.core.wire import Histogram, TelemetryBatch, TelemetryWindow
 from slmops.registry.db import make_engine, migrate
 from slmops.telemetry import histogram_from_ms, histogram_samples
@@ -43,13 +44,13 @@ def api(plane: ControlPlane) -> Iterator[TestClient]:
 
 @pytest.fixture
 def viewer(plane: ControlPlane) -> dict[str, str]:
-    return bearer(plane.create_api_token("watcher", "viewer", "test").token)
+    return bearer(create_api_token(plane, "watcher", "viewer", "test").token)
 
 
 @pytest.fixture
 def enroll(api: TestClient, plane: ControlPlane) -> Callable[[float], tuple[str, dict[str, str], str]]:
     """An auto-approved device with ``memory_gib``; returns its id, credential header and device class."""
-    admin = bearer(plane.create_api_token("root", "admin", "test").token)
+    admin = bearer(create_api_token(plane, "root", "admin", "test").token)
 
     def go(memory_gib: float) -> tuple[str, dict[str, str], str]:
         token = api.post("/api/v1/enrollment-tokens", json={"auto_approve": True}, headers=admin).json()["token"]
@@ -188,7 +189,7 @@ def test_the_cli_shows_the_rollup_from_a_running_server(
     device_id, credential, device_class = enroll(8)
     sent = batch(window("w1", 40, [10] * 30 + [3000] * 10))
     assert api.post(f"/api/v1/devices/{device_id}/telemetry", json=sent, headers=credential).status_code == 200
-    token = plane.create_api_token("cli", "viewer", "test").token
+    token = create_api_token(plane, "cli", "viewer", "test").token
     server = SimServer(create_app(plane.settings, plane)).start()
     try:
         argv = ["telemetry", "rollup", DIGEST, "--server", server.url, "--token", token, "--since", "2025-06-01T00:00Z"]

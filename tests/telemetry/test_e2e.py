@@ -13,6 +13,9 @@ import pytest
 from slmops.agent.daemon import Agent, AgentConfig
 from slmops.cli import run
 from slmops.control.app import create_app
+from slmops.control.blueprints import apply_blueprint
+from slmops.control.credentials import create_api_token
+from slmops.control.enrollment import create_enrollment_token
 from slmops.registry.db import make_engine, migrate
 from tests.agent.simulator import SimServer, free_port
 from tests.control.conftest import Clock, make_plane
@@ -36,11 +39,11 @@ def test_agent_windows_reach_the_rollup(tmp_path: Path, capsys: pytest.CaptureFi
     plane = make_plane(engine, tmp_path / "home", clock)
     envelope = plane.registry.import_model(write_tiny_gguf(tmp_path / "m" / "tiny.gguf", seed=1), "tiny").envelope
     port = free_port()
-    plane.apply(BLUEPRINT.replace("PORT", str(port)), "test")
-    enroll = plane.create_enrollment_token(
-        max_uses=1, expires_in_s=600, auto_approve=True, labels={}, created_by="test"
+    apply_blueprint(plane, BLUEPRINT.replace("PORT", str(port)), "test")
+    enroll = create_enrollment_token(
+        plane, max_uses=1, expires_in_s=600, auto_approve=True, labels={}, created_by="test"
     ).token
-    viewer = plane.create_api_token("viewer", "viewer", "test").token
+    viewer = create_api_token(plane, "viewer", "viewer", "test").token
     server = SimServer(create_app(plane.settings, plane)).start()
     try:
         config = AgentConfig(

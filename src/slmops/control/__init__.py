@@ -13,13 +13,13 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from slmops.control.client import OperatorClient
-    from slmops.control.service import ControlPlane
+    from slmops.control.plane import ControlPlane
     from slmops.control.settings import ServerSettings
 
 __all__ = ["ControlPlane", "OperatorClient", "ServerSettings", "create_app"]
 
 _LAZY = {
-    "ControlPlane": "slmops.control.service",
+    "ControlPlane": "slmops.control.plane",
     "OperatorClient": "slmops.control.client",
     "ServerSettings": "slmops.control.settings",
 }

@@ -8,8 +8,9 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from slmops.control.auth import Principal, require_role
+from slmops.control.credentials import authenticate
+from slmops.control.plane import ControlPlane
 from slmops.control.schemas import ErrorBody
-from slmops.control.service import ControlPlane
 from slmops.errors import AuthenticationError
 
 __all__ = ["ERRORS", "Admin", "Caller", "Operator", "Plane", "Viewer", "errors"]
@@ -34,7 +35,7 @@ def get_principal(
 ) -> Principal:
     if credentials is None or not credentials.credentials:
         raise AuthenticationError("no credential; send 'Authorization: Bearer <token>'")
-    return plane.authenticate(credentials.credentials)
+    return authenticate(plane, credentials.credentials)
 
 
 Caller = Annotated[Principal, Depends(get_principal)]

@@ -3,7 +3,9 @@
 ``create_app(settings)`` builds the app; the control plane (database, registry) is opened when the app starts
 (its lifespan), or passed in ready-made by tests. Every :class:`~slmops.errors.SLMOpsError` becomes one JSON
 :class:`~slmops.control.schemas.ErrorBody` through one handler: client errors carry their message, server errors
-only a generic one (the details go to the server log), so internal text never leaks.
+only a generic one (the details go to the server log), so internal text never leaks. A body that is not JSON is a
+``400`` (``invalid_json``), a repeated query parameter a ``422``, and a ``405`` names every method of the path in
+``Allow``; the OpenAPI document says so (:mod:`slmops.control.openapi`).
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from slmops import __version__
-from slmops.control import rollouts, routes_agent, routes_operator, telemetry
+from slmops.control import rollouts, routes_agent, routes_operator, routes_rollouts, routes_telemetry
+from slmops.control.openapi import install_openapi
+from slmops.control.plane import ControlPlane
 from slmops.control.schemas import ErrorBody, ServerHealth
-from slmops.control.service import ControlPlane
 from slmops.control.settings import ServerSettings
 from slmops.core.wire import API_PREFIX
 from slmops.errors import SLMOpsError
@@ -66,8 +70,20 @@ async def _slmops_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(status, exc.code, exc.message, headers)
 
 
+def _bad_json(reason: str) -> JSONResponse:
+    return _error(
+        400,
+        "invalid_json",
+        f"the request body is not valid JSON ({reason}); send one JSON document with 'Content-Type: application/json'",
+    )
+
+
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":  # FastAPI's json.JSONDecodeError; loc holds a character offset
+            where = error.get("loc", ("body", "?"))[-1]
+            return _bad_json(f"{error.get('ctx', {}).get('error', 'it does not parse')} at character {where}")
     problems = []
     for error in exc.errors()[:5]:
         where = ".".join(str(part) for part in error.get("loc", ()))
@@ -75,9 +91,42 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return _error(422, "invalid_request", "the request does not validate: " + "; ".join(problems))
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+def _single_query_values(request: Request) -> None:
+    """Refuse a repeated query parameter: each of this API's takes one value (FastAPI would read the last)."""
+    params = request.query_params
+    repeated = sorted({key for key in params if len(params.getlist(key)) > 1})
+    if repeated:
+        raise RequestValidationError(
+            [
+                {"loc": ("query", key), "msg": "given more than once; give it once", "type": "value_error"}
+                for key in repeated
+            ]
+        )
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette's 405 names only the first matching route's)."""
+    path, root_path = request.scope["path"], request.scope.get("root_path", "")
+    allowed = []
+    for method in _METHODS:  # a fresh scope each time: routing leaves its state in a used one
+        probe = {"type": "http", "method": method, "path": path, "root_path": root_path, "headers": []}
+        if any(route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return _error(exc.status_code, "http", str(exc.detail), dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not read the body as JSON at all
+        cause = exc.__cause__
+        return _bad_json("it is not UTF-8 text" if isinstance(cause, UnicodeDecodeError) else "it could not be parsed")
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return _error(exc.status_code, "http", str(exc.detail), headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -112,6 +161,7 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
         version=__version__,
         description="Devices, blueprints and desired state for fleets of edge devices running small language models.",
         lifespan=lifespan,
+        dependencies=[Depends(_single_query_values)],
     )
     if plane is not None:
         app.state.plane = plane
@@ -120,13 +170,19 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
 
-    @app.get(f"{API_PREFIX}/health", response_model=ServerHealth, tags=["server"])
+    @app.get(
+        f"{API_PREFIX}/health",
+        response_model=ServerHealth,
+        responses={422: {"model": ErrorBody, "description": "A query parameter given twice"}},
+        tags=["server"],
+    )
     def health() -> ServerHealth:
         """Liveness: the server answers (no credential needed)."""
         return ServerHealth(status="ok", version=__version__)
 
     app.include_router(routes_agent.router, prefix=API_PREFIX)
     app.include_router(routes_operator.router, prefix=API_PREFIX)
-    app.include_router(telemetry.router, prefix=API_PREFIX)
-    app.include_router(rollouts.router, prefix=API_PREFIX)
+    app.include_router(routes_telemetry.router, prefix=API_PREFIX)
+    app.include_router(routes_rollouts.router, prefix=API_PREFIX)
+    install_openapi(app)
     return app

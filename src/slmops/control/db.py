@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from slmops.registry.db import Base
 
 __all__ = [
+    "ACTIVE_RELEASE_STATES",
     "ApiTokenRow",
     "BlueprintRow",
     "DeviceEventRow",
@@ -23,6 +24,7 @@ __all__ = [
     "ReleaseEventRow",
     "ReleaseMemberRow",
     "ReleaseRow",
+    "TelemetryWindowRow",
 ]
 
 
@@ -74,6 +76,7 @@ class DeviceRow(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     desired_generation: Mapped[str | None] = mapped_column(String(64))
     agent_version: Mapped[str | None] = mapped_column(String(64))
+    last_claim_timestamp: Mapped[int | None] = mapped_column(BigInteger)  # of the last claim that got a credential
 
 
 class DeviceEventRow(Base):
@@ -104,6 +107,9 @@ class BlueprintRow(Base):
     current: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (Index("ix_blueprints_current", "current"),)
+
+
+ACTIVE_RELEASE_STATES = ("running", "paused")  # the states of a release that desired state and the controller read
 
 
 class ReleaseRow(Base):
@@ -170,3 +176,23 @@ class LeaseRow(Base):
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[float] = mapped_column(Float)  # epoch seconds
     acquired_at: Mapped[float] = mapped_column(Float)
+
+
+class TelemetryWindowRow(Base):
+    """One telemetry window of a device, stored once per (device, window id)."""
+
+    __tablename__ = "telemetry_windows"
+
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    window_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_digest: Mapped[str | None] = mapped_column(String(71))
+    device_class: Mapped[str] = mapped_column(String(80))
+    window_start: Mapped[str] = mapped_column(String(40))  # normalized RFC 3339 UTC, second precision
+    window_s: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[str] = mapped_column(String(40))
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)  # the TelemetryWindow as sent
+
+    __table_args__ = (
+        Index("ix_telemetry_windows_version_start", "version_digest", "window_start"),
+        Index("ix_telemetry_windows_received", "version_digest", "received_at"),
+    )

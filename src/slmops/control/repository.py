@@ -6,10 +6,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.orm import Session, aliased
 
-from slmops.control.db import ApiTokenRow, BlueprintRow, DeviceEventRow, DeviceRow, EnrollmentTokenRow
+from slmops.control.db import (
+    ACTIVE_RELEASE_STATES,
+    ApiTokenRow,
+    BlueprintRow,
+    DeviceEventRow,
+    DeviceRow,
+    EnrollmentTokenRow,
+    ReleaseMemberRow,
+    ReleaseRow,
+)
 
 __all__ = ["ControlRepository", "iso", "parse_iso"]
 
@@ -41,6 +50,26 @@ class ControlRepository:
 
     def api_tokens(self) -> Sequence[ApiTokenRow]:
         return self.session.scalars(select(ApiTokenRow).order_by(ApiTokenRow.name)).all()
+
+    def revoke_api_token(self, name: str) -> bool:
+        """Revoke a token unless it is the last active admin token: False then, and nothing changes.
+
+        The active admin tokens are locked first (on PostgreSQL; SQLite runs one writer at a time), so two admin
+        tokens revoked at the same moment cannot both go.
+        """
+        active_admins = (ApiTokenRow.role == "admin", ApiTokenRow.revoked.is_(False))
+        self.session.execute(
+            select(ApiTokenRow.name).where(*active_admins).order_by(ApiTokenRow.name).with_for_update()
+        )
+        other = aliased(ApiTokenRow)
+        another_admin = exists().where(other.role == "admin", other.revoked.is_(False), other.name != name)
+        result = self.session.execute(
+            update(ApiTokenRow)
+            .where(ApiTokenRow.name == name, (ApiTokenRow.role != "admin") | another_admin)
+            .values(revoked=True)
+            .execution_options(synchronize_session=False)
+        )
+        return getattr(result, "rowcount", 0) == 1
 
     # ------------------------------------------------------------ enrollment tokens
 
@@ -83,6 +112,21 @@ class ControlRepository:
 
     def device_by_credential(self, credential_hash: str) -> DeviceRow | None:
         return self.session.scalar(select(DeviceRow).where(DeviceRow.credential_hash == credential_hash))
+
+    def record_claim(self, device_id: str, timestamp: int, credential_hash: str, now: str) -> bool:
+        """Give an approved device a new credential for a claim newer than its last accepted one, atomically: of
+        two requests with the same claim at most one gets True."""
+        result = self.session.execute(
+            update(DeviceRow)
+            .where(
+                DeviceRow.id == device_id,
+                DeviceRow.state == "approved",
+                DeviceRow.last_claim_timestamp.is_(None) | (DeviceRow.last_claim_timestamp < timestamp),
+            )
+            .values(credential_hash=credential_hash, last_claim_timestamp=timestamp, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return getattr(result, "rowcount", 0) == 1
 
     def devices(self, states: Iterable[str] | None = None) -> Sequence[DeviceRow]:
         query = select(DeviceRow).order_by(DeviceRow.enrolled_at, DeviceRow.id)
@@ -161,3 +205,13 @@ class ControlRepository:
         row.current = True
         self.session.add(row)
         self.session.flush()
+
+    # ------------------------------------------------------------ releases
+
+    def active_releases(self) -> Sequence[ReleaseRow]:
+        return self.session.scalars(select(ReleaseRow).where(ReleaseRow.state.in_(ACTIVE_RELEASE_STATES))).all()
+
+    def release_member_ids(self, release_id: str) -> frozenset[str]:
+        return frozenset(
+            self.session.scalars(select(ReleaseMemberRow.device_id).where(ReleaseMemberRow.release_id == release_id))
+        )

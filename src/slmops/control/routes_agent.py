@@ -13,6 +13,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from slmops.control._deps import Caller, Plane, errors
 from slmops.control.auth import require_device, require_role
+from slmops.control.desired_state import blob_allowed, desired_state_for
+from slmops.control.devices import report_status
+from slmops.control.enrollment import claim_credential, enroll_device
 from slmops.control.ranges import RangeNotSatisfiable, etag_matches, parse_range
 from slmops.control.schemas import ErrorBody, Labels
 from slmops.core.wire import ClaimRequest, DesiredState, EnrollRequest, EnrollResponse, StatusAck, StatusReport
@@ -46,7 +49,7 @@ def enroll(request: EnrollRequest, plane: Plane) -> JSONResponse:
     except ValidationError as exc:
         raise _invalid(("body", "labels"), str(exc.errors()[0]["msg"])) from None
     try:
-        answer = plane.enroll(request)
+        answer = enroll_device(plane, request)
     except SignatureError as exc:
         raise _invalid(("body", "public_key"), str(exc)) from None
     status = 200 if answer.state == "approved" else 202
@@ -56,11 +59,13 @@ def enroll(request: EnrollRequest, plane: Plane) -> JSONResponse:
 @router.post(
     "/enroll/claim",
     response_model=EnrollResponse,
-    responses={202: {"model": EnrollResponse, "description": "Still pending approval"}, **errors(401, 403, 422)},
+    responses={202: {"model": EnrollResponse, "description": "Still pending approval"}, **errors(401, 403, 409, 422)},
     summary="Claim the credential of an approved device, signed by the device key",
 )
 def claim(request: ClaimRequest, plane: Plane) -> JSONResponse:
-    answer = plane.claim(request)
+    """200 with a new credential once approved, 202 while pending; 409 for a claim that is not newer than the last
+    one that obtained a credential (a replay): sign a new claim with the current time."""
+    answer = claim_credential(plane, request)
     return JSONResponse(answer.model_dump(mode="json"), status_code=200 if answer.state == "approved" else 202)
 
 
@@ -84,7 +89,7 @@ def desired(
         require_device(principal, device_id)
     else:
         require_role(principal, "viewer")
-    state = plane.desired(device_id)
+    state = desired_state_for(plane, device_id)
     etag = f'"{state.generation}"'
     if etag_matches(if_none_match, etag, weak=True):
         return Response(status_code=304, headers={"ETag": etag})
@@ -99,7 +104,7 @@ def desired(
 )
 def status(device_id: DeviceId, report: StatusReport, principal: Caller, plane: Plane) -> StatusAck:
     require_device(principal, device_id)
-    return plane.report_status(device_id, report)
+    return report_status(plane, device_id, report)
 
 
 _BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
@@ -126,7 +131,7 @@ def blob(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     if principal.kind == "device":
-        if not plane.blob_allowed(principal.name, digest):
+        if not blob_allowed(plane, principal.name, digest):
             raise PermissionDeniedError(
                 f"blob {digest} is not a file of the model version this device's desired state names"
             )

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 
+from slmops.control import blueprints, credentials, devices, enrollment
 from slmops.control._deps import Admin, Operator, Plane, Viewer, errors
 from slmops.control.schemas import (
     ApiTokenCreate,
@@ -40,12 +41,12 @@ def list_devices(
     state: Annotated[Literal["pending", "approved", "revoked", "decommissioned"] | None, Query()] = None,
 ) -> list[DevicePublic]:
     """Every device, optionally only those in one state; `online` is computed at request time."""
-    return plane.devices(state)
+    return devices.list_devices(plane, state)
 
 
 @router.get("/devices/{device_id}", response_model=DevicePublic, responses=READ_ONE, tags=["devices"])
 def show_device(device_id: DeviceId, _: Viewer, plane: Plane) -> DevicePublic:
-    return plane.device(device_id)
+    return devices.get_device(plane, device_id)
 
 
 @router.get("/devices/{device_id}/events", response_model=list[DeviceEventPublic], responses=READ_ONE, tags=["devices"])
@@ -53,30 +54,30 @@ def device_events(
     device_id: DeviceId, _: Viewer, plane: Plane, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[DeviceEventPublic]:
     """The device's most recent events, newest first."""
-    return plane.device_events(device_id, limit)
+    return devices.device_events(plane, device_id, limit)
 
 
 @router.post("/devices/{device_id}/approve", response_model=DevicePublic, responses=WRITE_ONE, tags=["devices"])
 def approve_device(device_id: DeviceId, _: Operator, plane: Plane) -> DevicePublic:
     """Approve a pending device; it obtains its credential by claiming it with its key."""
-    return plane.approve(device_id)
+    return devices.approve_device(plane, device_id)
 
 
 @router.post("/devices/{device_id}/revoke", response_model=DevicePublic, responses=WRITE_ONE, tags=["devices"])
 def revoke_device(device_id: DeviceId, _: Operator, plane: Plane) -> DevicePublic:
     """Revoke a device: its credential stops working at once."""
-    return plane.revoke(device_id)
+    return devices.revoke_device(plane, device_id)
 
 
 @router.post("/devices/{device_id}/decommission", response_model=DevicePublic, responses=WRITE_ONE, tags=["devices"])
 def decommission_device(device_id: DeviceId, _: Operator, plane: Plane) -> DevicePublic:
-    return plane.decommission(device_id)
+    return devices.decommission_device(plane, device_id)
 
 
 @router.post("/devices/{device_id}/labels", response_model=DevicePublic, responses=WRITE_ONE, tags=["devices"])
 def label_device(device_id: DeviceId, update: DeviceLabelsUpdate, _: Operator, plane: Plane) -> DevicePublic:
     """Set and remove labels (removals first)."""
-    return plane.set_labels(device_id, dict(update.set), list(update.remove))
+    return devices.label_device(plane, device_id, dict(update.set), list(update.remove))
 
 
 @router.post(
@@ -88,7 +89,8 @@ def label_device(device_id: DeviceId, update: DeviceLabelsUpdate, _: Operator, p
 )
 def create_enrollment_token(body: EnrollmentTokenCreate, principal: Operator, plane: Plane) -> EnrollmentTokenCreated:
     """A token devices enroll with; the secret is in this answer only."""
-    return plane.create_enrollment_token(
+    return enrollment.create_enrollment_token(
+        plane,
         max_uses=body.max_uses,
         expires_in_s=body.expires_in_s,
         auto_approve=body.auto_approve,
@@ -99,7 +101,7 @@ def create_enrollment_token(body: EnrollmentTokenCreate, principal: Operator, pl
 
 @router.get("/enrollment-tokens", response_model=list[EnrollmentTokenPublic], responses=READ, tags=["enrollment"])
 def list_enrollment_tokens(_: Operator, plane: Plane) -> list[EnrollmentTokenPublic]:
-    return plane.enrollment_tokens()
+    return enrollment.list_enrollment_tokens(plane)
 
 
 @router.post(
@@ -107,39 +109,39 @@ def list_enrollment_tokens(_: Operator, plane: Plane) -> list[EnrollmentTokenPub
 )
 def create_token(body: ApiTokenCreate, principal: Admin, plane: Plane) -> ApiTokenCreated:
     """An operator API token; the secret is in this answer only."""
-    return plane.create_api_token(body.name, body.role, principal.name)
+    return credentials.create_api_token(plane, body.name, body.role, principal.name)
 
 
 @router.get("/tokens", response_model=list[ApiTokenPublic], responses=READ, tags=["tokens"])
 def list_tokens(_: Admin, plane: Plane) -> list[ApiTokenPublic]:
-    return plane.api_tokens()
+    return credentials.list_api_tokens(plane)
 
 
 @router.post("/tokens/{name}/revoke", response_model=ApiTokenPublic, responses=READ_ONE, tags=["tokens"])
 def revoke_token(name: Name, _: Admin, plane: Plane) -> ApiTokenPublic:
-    return plane.revoke_api_token(name)
+    return credentials.revoke_api_token(plane, name)
 
 
 @router.post("/blueprints", response_model=ApplyResult, responses=errors(401, 403, 409, 422), tags=["blueprints"])
 def apply_blueprint(body: BlueprintApply, principal: Operator, plane: Plane) -> ApplyResult:
     """Create or update a blueprint from its YAML; a new revision only when it changed."""
-    return plane.apply(body.source, principal.name)
+    return blueprints.apply_blueprint(plane, body.source, principal.name)
 
 
 @router.post("/blueprints/plan", response_model=PlanPublic, responses=READ, tags=["blueprints"])
 def plan_blueprint(body: BlueprintApply, _: Operator, plane: Plane) -> PlanPublic:
     """What applying this blueprint would change on each device, and which blueprint wins where."""
-    return plane.plan(body.source)
+    return blueprints.plan_blueprint(plane, body.source)
 
 
 @router.get("/blueprints", response_model=list[BlueprintPublic], responses=READ, tags=["blueprints"])
 def list_blueprints(_: Viewer, plane: Plane) -> list[BlueprintPublic]:
     """The current revision of every blueprint."""
-    return plane.blueprints()
+    return blueprints.list_blueprints(plane)
 
 
 @router.get("/blueprints/{name}", response_model=BlueprintPublic, responses=READ_ONE, tags=["blueprints"])
 def show_blueprint(
-    name: Name, _: Viewer, plane: Plane, revision: Annotated[int | None, Query(ge=1)] = None
+    name: Name, _: Viewer, plane: Plane, revision: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None
 ) -> BlueprintPublic:
-    return plane.blueprint(name, revision)
+    return blueprints.get_blueprint(plane, name, revision)

@@ -44,12 +44,19 @@ ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")  # each role may do ev
 DeviceState = Literal["pending", "approved", "revoked", "decommissioned"]
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._/-]{0,62}$")]
 LabelValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/-]{0,63}$")]
-Labels = dict[LabelKey, LabelValue]
+# JSON Schema's patternProperties alone lets keys that match no pattern through; the server refuses them
+Labels = Annotated[dict[LabelKey, LabelValue], Field(json_schema_extra={"additionalProperties": False})]
 TokenName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 
 
 class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Request(_Schema):
+    """A request body: JSON types exactly as the OpenAPI document says (no "1" for 1, no 0 for false)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ErrorBody(_Schema):
@@ -62,7 +69,7 @@ class ServerHealth(_Schema):
     version: str
 
 
-class ApiTokenCreate(_Schema):
+class ApiTokenCreate(_Request):
     name: TokenName
     role: Role
 
@@ -79,7 +86,7 @@ class ApiTokenCreated(ApiTokenPublic):
     token: str  # shown once; only its hash is stored
 
 
-class EnrollmentTokenCreate(_Schema):
+class EnrollmentTokenCreate(_Request):
     max_uses: int = Field(default=1, ge=1, le=1_000_000)
     expires_in_s: float | None = Field(default=None, gt=0, le=366 * 24 * 3600)
     auto_approve: bool = False
@@ -122,7 +129,7 @@ class DevicePublic(_Schema):
     agent_version: str | None
 
 
-class DeviceLabelsUpdate(_Schema):
+class DeviceLabelsUpdate(_Request):
     set: Labels = Field(default_factory=dict, max_length=32)
     remove: list[LabelKey] = Field(default_factory=list, max_length=32)
 
@@ -136,7 +143,7 @@ class DeviceEventPublic(_Schema):
     received_at: str
 
 
-class BlueprintApply(_Schema):
+class BlueprintApply(_Request):
     source: str = Field(min_length=1, max_length=256 * 1024)  # the blueprint's YAML text
 
 
@@ -191,9 +198,7 @@ class PlanPublic(_Schema):
 ReleaseState = Literal["running", "paused", "halted", "aborted", "completed"]
 
 
-class ReleaseStart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ReleaseStart(_Request):
     blueprint: str = Field(min_length=1, max_length=64)
     to: str = Field(min_length=1, max_length=200, description="the new version: NAME@vN, NAME@ALIAS or a digest")
     policy: RolloutPolicy | None = Field(

@@ -1,60 +1,34 @@
-"""Telemetry in the control plane: the stored windows, storing a batch idempotently, and roll-ups for operators.
+"""Telemetry in the control plane: storing a device's batch of windows idempotently, and roll-ups for operators.
 
-``POST /api/v1/devices/{id}/telemetry`` (device credential, own device only) stores each window once per
-(device, window id): a retried batch is acknowledged again and never counted twice. The device's class is stored
-with each window as it was when the window arrived, so a roll-up groups a device that changed class correctly.
-``GET /api/v1/telemetry/rollup`` (viewer) sums a version's windows per device class; the sums themselves are the
-pure :func:`slmops.telemetry.rollup`. Windows carry numbers only, never text.
+A batch (``POST /api/v1/devices/{id}/telemetry``, see :mod:`slmops.control.routes_telemetry`) stores each window
+once per (device, window id): a retried batch is acknowledged again and never counted twice. The device's class is
+stored with each window as it was when the window arrived, so a roll-up groups a device that changed class
+correctly. A roll-up sums a version's windows per device class; the sums themselves are the pure
+:func:`slmops.telemetry.rollup`. Windows carry numbers only, never text.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Path, Query
-from fastapi.exceptions import RequestValidationError
-from sqlalchemy import JSON, Float, ForeignKey, Index, String, select
-from sqlalchemy.exc import IntegrityError as SQLIntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from slmops.control._deps import Caller, Plane, Viewer, errors
-from slmops.control.auth import require_device
-from slmops.control.db import DeviceRow
+from slmops.control._unit_of_work import commit_retrying
+from slmops.control.db import DeviceRow, TelemetryWindowRow
 from slmops.control.repository import iso
-from slmops.control.service import ControlPlane
 from slmops.core.wire import TelemetryAck, TelemetryBatch, TelemetryWindow
-from slmops.errors import ConfigError, ConflictError, NotFoundError
-from slmops.registry.db import Base
+from slmops.errors import ConfigError, NotFoundError
 from slmops.telemetry import rollup
 from slmops.telemetry.schemas import ClassRollup, TelemetryRollup
 
-__all__ = [
-    "TelemetryWindowRow",
-    "router",
-    "store_telemetry",
-    "telemetry_rollup",
-]
+if TYPE_CHECKING:
+    from slmops.control.plane import ControlPlane
+
+__all__ = ["store_telemetry", "telemetry_rollup"]
 
 DEFAULT_ROLLUP_S = 86400.0
-
-
-class TelemetryWindowRow(Base):
-    __tablename__ = "telemetry_windows"
-
-    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
-    window_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    version_digest: Mapped[str | None] = mapped_column(String(71))
-    device_class: Mapped[str] = mapped_column(String(80))
-    window_start: Mapped[str] = mapped_column(String(40))  # normalized RFC 3339 UTC, second precision
-    window_s: Mapped[float] = mapped_column(Float)
-    received_at: Mapped[str] = mapped_column(String(40))
-    body: Mapped[dict[str, Any]] = mapped_column(JSON)  # the TelemetryWindow as sent
-
-    __table_args__ = (
-        Index("ix_telemetry_windows_version_start", "version_digest", "window_start"),
-        Index("ix_telemetry_windows_received", "version_digest", "received_at"),
-    )
 
 
 def _parse_time(text: str, what: str) -> datetime:
@@ -71,42 +45,42 @@ def store_telemetry(plane: ControlPlane, device_id: str, batch: TelemetryBatch) 
     """Store the windows not stored yet (one unit of work); acknowledge every id of the batch."""
     starts = {w.id: iso(_parse_time(w.window_start, f"window {w.id[:64]}: window_start")) for w in batch.windows}
     ids = list(dict.fromkeys(w.id for w in batch.windows))
-    for _attempt in range(3):
-        with Session(plane.engine) as session:
-            device = session.get(DeviceRow, device_id)
-            if device is None:
-                raise NotFoundError(f"no device {device_id}")
-            known = set(
-                session.scalars(
-                    select(TelemetryWindowRow.window_id).where(
-                        TelemetryWindowRow.device_id == device_id, TelemetryWindowRow.window_id.in_(ids)
-                    )
+
+    def work(session: Session) -> TelemetryAck:
+        device = session.get(DeviceRow, device_id)
+        if device is None:
+            raise NotFoundError(f"no device {device_id}")
+        known = set(
+            session.scalars(
+                select(TelemetryWindowRow.window_id).where(
+                    TelemetryWindowRow.device_id == device_id, TelemetryWindowRow.window_id.in_(ids)
                 )
             )
-            now = iso(plane.clock())
-            for window in batch.windows:
-                if window.id in known:
-                    continue
-                known.add(window.id)
-                session.add(
-                    TelemetryWindowRow(
-                        device_id=device_id,
-                        window_id=window.id,
-                        version_digest=window.version_digest,
-                        device_class=device.device_class,
-                        window_start=starts[window.id],
-                        window_s=window.window_s,
-                        received_at=now,
-                        body=window.model_dump(mode="json"),
-                    )
+        )
+        now = iso(plane.clock())
+        for window in batch.windows:
+            if window.id in known:
+                continue
+            known.add(window.id)
+            session.add(
+                TelemetryWindowRow(
+                    device_id=device_id,
+                    window_id=window.id,
+                    version_digest=window.version_digest,
+                    device_class=device.device_class,
+                    window_start=starts[window.id],
+                    window_s=window.window_s,
+                    received_at=now,
+                    body=window.model_dump(mode="json"),
                 )
-            try:
-                session.commit()
-            except SQLIntegrityError:
-                session.rollback()
-                continue  # the same batch arrived concurrently: look again
-            return TelemetryAck(accepted_ids=ids)
-    raise ConflictError("telemetry from this device is being stored concurrently; retry")
+            )
+        return TelemetryAck(
+            accepted_ids=ids
+        )  # the same batch stored concurrently fails the commit: then looked at again
+
+    return commit_retrying(
+        plane.engine, work, attempts=3, conflict="telemetry from this device is being stored concurrently; retry"
+    )
 
 
 def telemetry_rollup(
@@ -145,50 +119,3 @@ def telemetry_rollup(
         for _, r in sorted(totals.items(), key=lambda item: item[0][1])
     ]
     return TelemetryRollup(version_digest=digest, since=iso(start), until=iso(end), classes=classes)
-
-
-# ---------------------------------------------------------------------------------------------------- routes
-
-router = APIRouter()
-
-
-def _invalid(loc: tuple[str, ...], exc: ConfigError) -> RequestValidationError:
-    return RequestValidationError([{"loc": loc, "msg": exc.message, "type": "value_error"}])
-
-
-DeviceId = Annotated[str, Path(min_length=1, max_length=64)]
-
-
-@router.post(
-    "/devices/{device_id}/telemetry",
-    response_model=TelemetryAck,
-    responses=errors(401, 403, 404, 409, 422),
-    tags=["agents"],
-    summary="Telemetry windows of a device (aggregates only; idempotent by window id)",
-)
-def post_telemetry(device_id: DeviceId, batch: TelemetryBatch, principal: Caller, plane: Plane) -> TelemetryAck:
-    require_device(principal, device_id)
-    try:
-        return store_telemetry(plane, device_id, batch)
-    except ConfigError as exc:
-        raise _invalid(("body", "windows"), exc) from None
-
-
-@router.get(
-    "/telemetry/rollup",
-    response_model=TelemetryRollup,
-    responses=errors(401, 403, 404, 422),
-    tags=["telemetry"],
-    summary="A version's telemetry summed per device class",
-)
-def get_rollup(
-    _: Viewer,
-    plane: Plane,
-    version: Annotated[str, Query(min_length=1, max_length=200, description="a digest or NAME@REF")],
-    since: Annotated[str | None, Query(description="RFC 3339; default 24 hours before `until`")] = None,
-    until: Annotated[str | None, Query(description="RFC 3339; default now")] = None,
-) -> TelemetryRollup:
-    try:
-        return telemetry_rollup(plane, version, since, until)
-    except ConfigError as exc:
-        raise _invalid(("query",), exc) from None

@@ -54,7 +54,8 @@ MAX_EVENTS_PER_REPORT = 100
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: JSON types exactly as the OpenAPI document says ("1" is no number, 0 no boolean)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 class Capabilities(_Wire):

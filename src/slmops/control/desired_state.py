@@ -1,0 +1,158 @@
+"""Desired state: what a device should run now, and which blobs it may therefore download.
+
+It depends on the device (labels, capabilities, class) and on the *world*: the current blueprints, the active
+releases with their canaries, and the registry versions the blueprints can resolve to. The world is loaded at most
+every ``desired_cache_ttl_s`` (and at once after a change made through this process), so a poll costs one device
+read instead of reading every blueprint and walking the registry; other replicas, and registry changes made by
+other processes, are seen within the TTL. A recorded canary of a running or paused release gets the release's new
+version; every other device gets its winning blueprint as applied.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sqlalchemy.orm import Session
+
+from slmops.control._candidates import CandidateCache
+from slmops.control.blueprints import applied_blueprints
+from slmops.control.devices import device_facts, require_device
+from slmops.control.repository import ControlRepository
+from slmops.core.desired import AppliedBlueprint, DeviceFacts, desired_state, generation_of, ranked_matches
+from slmops.core.wire import DesiredState
+
+if TYPE_CHECKING:
+    from slmops.control.plane import ControlPlane
+
+__all__ = ["ActiveRelease", "World", "WorldCache", "blob_allowed", "desired_state_for"]
+
+
+@dataclass(frozen=True)
+class ActiveRelease:
+    """What desired state needs of a running or paused release: the canaries and the version they get."""
+
+    id: str
+    blueprint: str
+    stage_index: int
+    to_name: str
+    to_digest: str
+    members: frozenset[str]
+
+
+@dataclass
+class World:
+    """Everything desired state depends on besides the device, with the desired states computed from it so far."""
+
+    key: int  # a new number whenever anything in it changed
+    loaded_at: float  # time.monotonic()
+    signature: tuple[object, ...]
+    applied: list[AppliedBlueprint]
+    releases: dict[str, ActiveRelease]  # by blueprint name
+    candidates: CandidateCache
+    memo: dict[str, tuple[tuple[object, ...], DesiredState]] = field(default_factory=dict)
+
+
+class WorldCache:
+    """The last :class:`World` loaded, shared by the requests of one process."""
+
+    def __init__(self) -> None:
+        self._world: World | None = None
+        self._lock = threading.Lock()
+        self._key = 0
+
+    def invalidate(self) -> None:
+        """Forget the cached blueprints, releases and registry look-ups (after a change made here)."""
+        with self._lock:
+            self._world = None
+
+    def current(self, plane: ControlPlane) -> World:
+        """The world, loaded again when older than ``desired_cache_ttl_s``; the same :class:`World` (and its memo)
+        when nothing in it changed."""
+        with self._lock:
+            now = time.monotonic()
+            world = self._world
+            if world is not None and now - world.loaded_at < plane.settings.desired_cache_ttl_s:
+                return world
+            with Session(plane.engine) as session:
+                repo = ControlRepository(session)
+                applied = applied_blueprints(repo.current_blueprints())
+                releases = {
+                    row.blueprint: ActiveRelease(
+                        row.id,
+                        row.blueprint,
+                        row.stage_index,
+                        row.to_name,
+                        row.to_digest,
+                        repo.release_member_ids(row.id),
+                    )
+                    for row in repo.active_releases()
+                }
+            candidates = CandidateCache(plane.registry)
+            references = [b.blueprint.spec.model.reference for b in applied]
+            references += [f"{r.to_name}@{r.to_digest}" for r in releases.values()]
+            signature = (
+                tuple((b.label, b.blueprint.digest) for b in applied),
+                tuple(sorted((r.id, r.stage_index, r.to_digest, r.members) for r in releases.values())),
+                tuple((ref, tuple(e.digest for e in candidates.get(ref).versions)) for ref in references),
+            )
+            if world is not None and world.signature == signature:
+                world.loaded_at = now  # nothing changed: keep the memoised states
+                return world
+            self._key += 1
+            world = World(self._key, now, signature, applied, releases, candidates)
+            self._world = world
+            return world
+
+
+def desired_state_for(plane: ControlPlane, device_id: str) -> DesiredState:
+    """The state ``device_id`` should reach, memoised per world while the device's class, labels and capabilities
+    stay the same."""
+    world = plane.world_cache.current(plane)
+    with Session(plane.engine) as session:
+        device = require_device(ControlRepository(session), device_id)
+        fingerprint: tuple[object, ...] = (
+            device.device_class,
+            json.dumps(device.labels, sort_keys=True),
+            json.dumps(device.capabilities, sort_keys=True),
+        )
+        cached = world.memo.get(device_id)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        facts = device_facts(device)
+    state = _desired_in(world, facts)
+    world.memo[device_id] = (fingerprint, state)
+    return state
+
+
+def blob_allowed(plane: ControlPlane, device_id: str, digest: str) -> bool:
+    """Whether a device may download a blob: only the files of the version its desired state names."""
+    state = desired_state_for(plane, device_id)
+    if state.model is None:
+        return False
+    return any(f.digest == digest for f in state.model.envelope.manifest.files)
+
+
+def _desired_in(world: World, facts: DeviceFacts) -> DesiredState:
+    applied = world.applied
+    matched = ranked_matches(facts, applied)
+    release = world.releases.get(matched[0].blueprint.name) if matched else None
+    if release is not None and facts.device_id in release.members:
+        canary = _canary_blueprint(matched[0], release)
+        applied = [canary if b is matched[0] else b for b in applied]
+        matched = [canary, *matched[1:]]
+        state = desired_state(facts, applied, world.candidates.for_blueprints(matched[:1]))
+        reason = f"{state.reason} [canary of release {release.id}, stage {release.stage_index + 1}]"
+        state = state.model_copy(update={"reason": reason})
+        return state.model_copy(update={"generation": generation_of(state)})
+    return desired_state(facts, applied, world.candidates.for_blueprints(matched[:1]))
+
+
+def _canary_blueprint(applied: AppliedBlueprint, release: ActiveRelease) -> AppliedBlueprint:
+    spec = applied.blueprint.spec
+    model = spec.model.model_copy(update={"name": release.to_name, "ref": release.to_digest})
+    blueprint = applied.blueprint.model_copy(update={"spec": spec.model_copy(update={"model": model})})
+    return AppliedBlueprint(blueprint, applied.revision)

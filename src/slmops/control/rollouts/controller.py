@@ -1,0 +1,140 @@
+"""The rollout controller: the loop in the server that moves releases.
+
+Each tick it takes or renews the ``rollout-controller`` lease (only the replica holding it acts, so several replicas
+are safe), and for each running or paused release records the cohort of the current stage, gathers the evidence,
+asks :func:`slmops.core.rollout.evaluate_stage` and acts: promote, hold (an event when the reason changes) or halt.
+Each tick is idempotent and uses only database state, so a restarted or replaced controller resumes where the last
+one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from slmops.control.db import ACTIVE_RELEASE_STATES, ReleaseRow
+from slmops.control.lease import acquire_lease, release_lease
+from slmops.control.rollouts._rows import record_event, require_release
+from slmops.control.rollouts.cohort import Winners, sync_members
+from slmops.control.rollouts.evidence import Accumulator, AccumulatorKey, gather_evidence, progress
+from slmops.control.rollouts.releases import advance, commit_guarded
+from slmops.core.rollout import RolloutPolicy, evaluate_stage
+
+if TYPE_CHECKING:
+    from slmops.control.plane import ControlPlane
+
+__all__ = ["CONTROLLER_LEASE", "RolloutController"]
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_LEASE = "rollout-controller"
+
+
+class RolloutController:
+    """The loop that moves releases. ``tick()`` is one idempotent pass; ``start()`` runs it in a thread."""
+
+    def __init__(self, plane: ControlPlane, holder: str | None = None) -> None:
+        self.plane = plane
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.holds_lease = False
+        self._winners = Winners()
+        self._accumulators: dict[AccumulatorKey, Accumulator] = {}
+
+    def tick(self) -> list[str]:
+        """Evaluate every running or paused release once (if this replica holds the lease); their ids."""
+        settings = self.plane.settings
+        now = self.plane.now_epoch()
+        self.holds_lease = acquire_lease(
+            self.plane.engine, CONTROLLER_LEASE, self.holder, settings.rollout_lease_s, now
+        )
+        if not self.holds_lease:
+            return []
+        with Session(self.plane.engine) as session:
+            ids = list(
+                session.scalars(
+                    select(ReleaseRow.id)
+                    .where(ReleaseRow.state.in_(ACTIVE_RELEASE_STATES))
+                    .order_by(ReleaseRow.started_at)
+                )
+            )
+        for release_id in ids:
+            try:
+                self.step(release_id)
+            except Exception:
+                log.exception("rollout controller: release %s could not be evaluated; it stays as it is", release_id)
+        for key in [k for k in self._accumulators if k[0] not in ids]:
+            del self._accumulators[key]  # finished releases
+        return ids
+
+    def step(self, release_id: str) -> None:
+        """Record the stage's cohort, judge the stage on its evidence, and promote, hold or halt the release."""
+        plane = self.plane
+        sync_members(plane, release_id, self._winners)
+        with Session(plane.engine) as session:
+            row = require_release(session, release_id)
+            if row.state not in ACTIVE_RELEASE_STATES:
+                return
+            revision, state_before, stage_before = row.revision, row.state, row.stage_index
+            policy = RolloutPolicy.model_validate(row.policy)
+            now = plane.now_epoch()
+            evidence = gather_evidence(plane, session, row, winners=self._winners, accumulators=self._accumulators)
+            evaluation = evaluate_stage(policy, row.stage_index, now - row.stage_started_at, evidence)
+            numbers = evaluation.numbers()
+            previous_key = (row.evaluation or {}).get("key")
+            key = [row.state, row.stage_index, evaluation.decision] + [
+                [c.device_class, c.status] for c in evaluation.classes
+            ]
+            row.evaluation = {"key": key, "classes": progress(evidence, evaluation), "reason": evaluation.reason}
+            row.evaluated_at = now
+            if evaluation.decision == "halt":
+                row.state, row.finished_at = "halted", now
+                row.reason = f"halted and rolled back: {evaluation.reason}"
+                record_event(session, row, "halted", "controller", row.reason, numbers, now)
+            elif evaluation.decision == "promote" and row.state == "running":
+                advance(session, row, now, "controller", evaluation.reason, numbers)
+            else:
+                if row.state == "running":
+                    row.reason = evaluation.reason
+                if key != previous_key:
+                    record_event(session, row, "hold", "controller", evaluation.reason, numbers, now)
+            changed = row.state != state_before or row.stage_index != stage_before
+            if not commit_guarded(session, row, revision, now):
+                return  # an operator changed it meanwhile; the next tick sees the new state
+        if changed:
+            plane.world_cache.invalidate()
+            sync_members(plane, release_id, self._winners)
+            log.info("release %s: %s", release_id, row.reason)
+
+    # -------------------------------------------------------------- the loop
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="rollout-controller", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self.plane.settings.rollout_tick_s
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("rollout controller tick failed; retrying in %.1f s", interval)
+            self._stop.wait(interval)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self.holds_lease:
+            try:
+                release_lease(self.plane.engine, CONTROLLER_LEASE, self.holder)
+            except Exception:  # the lease then simply expires
+                log.warning("could not hand back the rollout controller lease; it expires by itself")

@@ -1,0 +1,23 @@
+"""The database lease that lets one server replica run a singleton job, on every database backend."""
+
+from __future__ import annotations
+
+from slmops.control.lease import acquire_lease, release_lease
+from slmops.control.plane import ControlPlane
+
+
+def test_acquire_lease_is_exclusive(plane: ControlPlane) -> None:
+    assert acquire_lease(plane.engine, "job", "a", 10, now=100.0)
+    assert not acquire_lease(plane.engine, "job", "b", 10, now=105.0)
+    assert acquire_lease(plane.engine, "job", "a", 10, now=109.0)  # renewed until 119
+    assert not acquire_lease(plane.engine, "job", "b", 10, now=118.0)
+    assert acquire_lease(plane.engine, "job", "b", 10, now=120.0)
+    assert not acquire_lease(plane.engine, "job", "a", 10, now=121.0)
+
+
+def test_a_lease_handed_back_can_be_taken_at_once(plane: ControlPlane) -> None:
+    assert acquire_lease(plane.engine, "job", "a", 10, now=100.0)
+    release_lease(plane.engine, "job", "b")  # not the holder: nothing changes
+    assert not acquire_lease(plane.engine, "job", "b", 10, now=101.0)
+    release_lease(plane.engine, "job", "a")
+    assert acquire_lease(plane.engine, "job", "b", 10, now=102.0)
