@@ -56,6 +56,18 @@ class Fleet:
         self.procs[name] = proc
         return proc
 
+    def start_server(self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        """Start `slmops server` on a free port, wait until it answers, and point the CLI at it with an admin token."""
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.start("server", ["server", "--port", str(port)])
+        _wait("the server", lambda: _healthy(self.url), 60, self.logs)
+        capsys.readouterr()
+        assert run(["token", "create", "--role", "admin", "--name", "root", "--json"]) == 0
+        self.token = json.loads(capsys.readouterr().out)["token"]
+        monkeypatch.setenv("SLMOPS_SERVER_URL", self.url)
+        monkeypatch.setenv("SLMOPS_TOKEN", self.token)
+
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(name)
         proc.send_signal(sig)
@@ -165,15 +177,7 @@ def test_three_agents_get_their_variant_serve_it_and_converge_on_a_new_version(
     # Prepare: a registry with a base model and two variants, a running server, an admin token, three agents.
     registry = Registry.open(Settings())
     digests = _register_variants(registry, tmp_path)
-    port = free_port()
-    fleet.url = f"http://127.0.0.1:{port}"
-    fleet.start("server", ["server", "--port", str(port)])
-    _wait("the server", lambda: _healthy(fleet.url), 60, fleet.logs)
-    capsys.readouterr()
-    assert run(["token", "create", "--role", "admin", "--name", "root", "--json"]) == 0
-    fleet.token = json.loads(capsys.readouterr().out)["token"]
-    monkeypatch.setenv("SLMOPS_SERVER_URL", fleet.url)
-    monkeypatch.setenv("SLMOPS_TOKEN", fleet.token)
+    fleet.start_server(capsys, monkeypatch)
     assert run(["enroll-token", "create", "--uses", "3", "--auto-approve", "--label", "site=e2e", "--json"]) == 0
     enroll_token = json.loads(capsys.readouterr().out)["token"]
     api_ports = {}
@@ -254,15 +258,7 @@ def test_an_agent_serves_gemma3_to_the_official_openai_client(
 
     registry = Registry.open(Settings())
     pulled = pull(registry, "gemma3-270m").envelope
-    port = free_port()
-    fleet.url = f"http://127.0.0.1:{port}"
-    fleet.start("server", ["server", "--port", str(port)])
-    _wait("the server", lambda: _healthy(fleet.url), 60, fleet.logs)
-    capsys.readouterr()
-    assert run(["token", "create", "--role", "admin", "--name", "root", "--json"]) == 0
-    fleet.token = json.loads(capsys.readouterr().out)["token"]
-    monkeypatch.setenv("SLMOPS_SERVER_URL", fleet.url)
-    monkeypatch.setenv("SLMOPS_TOKEN", fleet.token)
+    fleet.start_server(capsys, monkeypatch)
     assert run(["enroll-token", "create", "--auto-approve", "--label", "site=e2e", "--json"]) == 0
     enroll_token = json.loads(capsys.readouterr().out)["token"]
     api_port = free_port()

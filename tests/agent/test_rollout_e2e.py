@@ -31,7 +31,7 @@ from slmops.control.schemas import ReleaseEventPublic, ReleaseStart
 from slmops.core.cohorts import stage_members
 from slmops.core.rollout import GateSpec, RolloutPolicy
 from slmops.registry import Registry
-from tests.agent.test_e2e_control_plane import Fleet, GiB, _healthy, _wait
+from tests.agent.test_e2e_control_plane import Fleet, GiB, _wait
 from tests.servers import free_port
 from tests.tiny_gguf import write_tiny_gguf
 
@@ -192,15 +192,7 @@ def test_a_slower_version_fails_its_latency_gate_and_every_agent_switches_back(
         "SLMOPS_DESIRED_CACHE_TTL_S": "0.2",
     }.items():
         monkeypatch.setenv(name, value)
-    port = free_port()
-    fleet.url = f"http://127.0.0.1:{port}"
-    fleet.start("server", ["server", "--port", str(port)])
-    _wait("the server", lambda: _healthy(fleet.url), 60, fleet.logs)
-    capsys.readouterr()
-    assert run(["token", "create", "--role", "admin", "--name", "root", "--json"]) == 0
-    fleet.token = json.loads(capsys.readouterr().out)["token"]
-    monkeypatch.setenv("SLMOPS_SERVER_URL", fleet.url)
-    monkeypatch.setenv("SLMOPS_TOKEN", fleet.token)
+    fleet.start_server(capsys, monkeypatch)
     assert (
         run(["enroll-token", "create", "--uses", "3", "--auto-approve", "--label", "site=rollout-e2e", "--json"]) == 0
     )

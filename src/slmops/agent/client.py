@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -28,6 +29,8 @@ from slmops.core.wire import (
 from slmops.errors import AuthenticationError, NotFoundError, PermissionDeniedError, SLMOpsError, UnavailableError
 
 __all__ = ["ControlPlaneClient", "DesiredFetch"]
+
+_Answer = TypeVar("_Answer", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def _raise_for(response: httpx.Response, what: str) -> None:
     raise SLMOpsError(f"the control plane rejected {what} with HTTP {code}{suffix}")
 
 
-def _parse(model: type[BaseModel], response: httpx.Response, what: str) -> BaseModel:
+def _parse(model: type[_Answer], response: httpx.Response, what: str) -> _Answer:
     try:
         return model.model_validate_json(response.content)
     except ValidationError as exc:
@@ -102,39 +105,29 @@ class ControlPlaneClient:
             raise AuthenticationError("this device has no credential yet; enroll it with --enroll-token")
         return {"Authorization": f"Bearer {self.credential}"}
 
+    def _unreachable(self, what: str, exc: httpx.TransportError) -> UnavailableError:
+        return UnavailableError(
+            f"cannot reach the control plane at {self.base_url} for {what}: {type(exc).__name__}; retrying later"
+        )
+
     def _request(self, method: str, path: str, what: str, **kwargs: object) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)  # type: ignore[arg-type]
         except httpx.TransportError as exc:
-            raise UnavailableError(
-                f"cannot reach the control plane at {self.base_url} for {what}: {type(exc).__name__}; retrying later"
-            ) from None
+            raise self._unreachable(what, exc) from None
         _raise_for(response, what)
         return response
 
+    def _post(self, path: str, what: str, body: BaseModel, answer: type[_Answer], *, auth: bool = True) -> _Answer:
+        headers = {**(self._auth() if auth else {}), "Content-Type": "application/json"}
+        response = self._request("POST", f"{API_PREFIX}{path}", what, content=body.model_dump_json(), headers=headers)
+        return _parse(answer, response, what)
+
     def enroll(self, request: EnrollRequest) -> EnrollResponse:
-        response = self._request(
-            "POST",
-            f"{API_PREFIX}/enroll",
-            "enrollment",
-            content=request.model_dump_json(),
-            headers={"Content-Type": "application/json"},
-        )
-        result = _parse(EnrollResponse, response, "enrollment")
-        assert isinstance(result, EnrollResponse)
-        return result
+        return self._post("/enroll", "enrollment", request, EnrollResponse, auth=False)
 
     def claim(self, request: ClaimRequest) -> EnrollResponse:
-        response = self._request(
-            "POST",
-            f"{API_PREFIX}/enroll/claim",
-            "the enrollment claim",
-            content=request.model_dump_json(),
-            headers={"Content-Type": "application/json"},
-        )
-        result = _parse(EnrollResponse, response, "the enrollment claim")
-        assert isinstance(result, EnrollResponse)
-        return result
+        return self._post("/enroll/claim", "the enrollment claim", request, EnrollResponse, auth=False)
 
     def desired(self, device_id: str, etag: str | None = None) -> DesiredFetch:
         headers = self._auth()
@@ -146,34 +139,13 @@ class ControlPlaneClient:
         if response.status_code == 304:
             return DesiredFetch(changed=False, state=None, etag=etag)
         state = _parse(DesiredState, response, "the desired state")
-        assert isinstance(state, DesiredState)
         return DesiredFetch(changed=True, state=state, etag=response.headers.get("ETag"))
 
     def post_status(self, device_id: str, report: StatusReport) -> StatusAck:
-        headers = {**self._auth(), "Content-Type": "application/json"}
-        response = self._request(
-            "POST",
-            f"{API_PREFIX}/devices/{device_id}/status",
-            "the status report",
-            content=report.model_dump_json(),
-            headers=headers,
-        )
-        ack = _parse(StatusAck, response, "the status report")
-        assert isinstance(ack, StatusAck)
-        return ack
+        return self._post(f"/devices/{device_id}/status", "the status report", report, StatusAck)
 
     def post_telemetry(self, device_id: str, batch: TelemetryBatch) -> TelemetryAck:
-        headers = {**self._auth(), "Content-Type": "application/json"}
-        response = self._request(
-            "POST",
-            f"{API_PREFIX}/devices/{device_id}/telemetry",
-            "telemetry",
-            content=batch.model_dump_json(),
-            headers=headers,
-        )
-        ack = _parse(TelemetryAck, response, "telemetry")
-        assert isinstance(ack, TelemetryAck)
-        return ack
+        return self._post(f"/devices/{device_id}/telemetry", "telemetry", batch, TelemetryAck)
 
     @contextmanager
     def blob(self, digest: str, offset: int = 0, etag: str | None = None) -> Iterator[httpx.Response]:
@@ -191,6 +163,4 @@ class ControlPlaneClient:
                     _raise_for(response, what)
                 yield response
         except httpx.TransportError as exc:
-            raise UnavailableError(
-                f"cannot reach the control plane at {self.base_url} for {what}: {type(exc).__name__}; retrying later"
-            ) from None
+            raise self._unreachable(what, exc) from None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,9 +50,11 @@ class OutboxConfig:
 
 
 class _SQLiteBuffer:
-    """A durable SQLite file (WAL, synchronous commits) opened explicitly; subclasses name their schema."""
+    """A durable SQLite file (WAL, synchronous commits) opened explicitly: one table of JSON bodies with unique ids
+    and sizes, and a ``meta`` table of keys and values; subclasses name their schema and that table."""
 
     _schema: str
+    _table: str
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -75,13 +79,17 @@ class _SQLiteBuffer:
             raise RuntimeError(f"{type(self).__name__}.open() was not called")
         return self._db
 
-
-class Outbox(_SQLiteBuffer):
-    _schema = _SCHEMA
-
-    def __init__(self, path: Path, config: OutboxConfig | None = None) -> None:
-        super().__init__(path)
-        self.config = config or OutboxConfig()
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _meta(self, key: str, default: str) -> str:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -90,15 +98,40 @@ class Outbox(_SQLiteBuffer):
     def _set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def _delete_ids(self, db: sqlite3.Connection, ids: list[str]) -> int:
+        """Delete the rows with these ids (in chunks under SQLite's variable limit); returns how many went."""
+        removed = 0
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            removed += db.execute(f"DELETE FROM {self._table} WHERE id IN ({marks})", chunk).rowcount
+        return removed
+
+    def size(self) -> tuple[int, int]:
+        """(rows, bytes) waiting."""
+        count, size = self.db.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM {self._table}").fetchone()
+        return int(count), int(size)
+
+    def dropped(self) -> int:
+        """How many of the oldest rows were dropped because the buffer was full (and not yet reported)."""
+        return int(self._meta("dropped", "0"))
+
+
+class Outbox(_SQLiteBuffer):
+    _schema = _SCHEMA
+    _table = "events"
+
+    def __init__(self, path: Path, config: OutboxConfig | None = None) -> None:
+        super().__init__(path)
+        self.config = config or OutboxConfig()
+
     def add(self, event: DeviceEvent) -> None:
         body = event.model_dump_json()
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             db.execute("INSERT OR IGNORE INTO events (id, body, size) VALUES (?, ?, ?)", (event.id, body, len(body)))
             dropped = 0
             while True:
-                count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM events").fetchone()
+                count, size = self.size()
                 if count <= self.config.max_events and size <= self.config.max_bytes:
                     break
                 db.execute("DELETE FROM events WHERE seq = (SELECT MIN(seq) FROM events)")
@@ -108,10 +141,6 @@ class Outbox(_SQLiteBuffer):
                 if self._meta("dropped_id", "") == "":
                     self._set_meta("dropped_id", f"ev-dropped-{secrets.token_hex(10)}")
                     self._set_meta("dropped_since", datetime.now(UTC).isoformat().replace("+00:00", "Z"))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def pending(self, limit: int = MAX_EVENTS_PER_REPORT) -> list[DeviceEvent]:
         """The oldest events not yet acknowledged, led by the ``events_dropped`` event when some were dropped."""
@@ -132,32 +161,15 @@ class Outbox(_SQLiteBuffer):
 
     def acknowledge(self, ids: list[str]) -> int:
         """Delete the acknowledged events; returns how many were removed."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             removed = 0
             dropped_id = self._meta("dropped_id", "")
             if dropped_id and dropped_id in ids:
                 for key in ("dropped", "dropped_id", "dropped_since"):
                     db.execute("DELETE FROM meta WHERE key = ?", (key,))
                 removed += 1
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                removed += db.execute(f"DELETE FROM events WHERE id IN ({marks})", chunk).rowcount
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            removed += self._delete_ids(db, ids)
         return removed
-
-    def size(self) -> tuple[int, int]:
-        """(events, bytes) waiting."""
-        count, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM events").fetchone()
-        return int(count), int(size)
-
-    def dropped(self) -> int:
-        return int(self._meta("dropped", "0"))
 
 
 _TELEMETRY_SCHEMA = """
@@ -181,6 +193,7 @@ class TelemetryOutbox(_SQLiteBuffer):
     """
 
     _schema = _TELEMETRY_SCHEMA
+    _table = "windows"
 
     def __init__(self, path: Path, config: TelemetryOutboxConfig | None = None) -> None:
         super().__init__(path)
@@ -188,28 +201,20 @@ class TelemetryOutbox(_SQLiteBuffer):
 
     def add(self, windows: list[TelemetryWindow]) -> int:
         """Buffer windows (an id already buffered is kept as it was); returns how many old windows were dropped."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             for window in windows:
                 body = window.model_dump_json()
                 db.execute(
                     "INSERT OR IGNORE INTO windows (id, body, size) VALUES (?, ?, ?)", (window.id, body, len(body))
                 )
-            count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM windows").fetchone()
+            count, size = self.size()
             dropped = 0
             while count > self.config.max_windows or size > self.config.max_bytes:
                 seq, gone = db.execute("SELECT seq, size FROM windows ORDER BY seq LIMIT 1").fetchone()
                 db.execute("DELETE FROM windows WHERE seq = ?", (seq,))
                 count, size, dropped = count - 1, size - gone, dropped + 1
             if dropped:
-                row = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
-                total = (int(row[0]) if row else 0) + dropped
-                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dropped', ?)", (str(total),))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+                self._set_meta("dropped", str(int(self._meta("dropped", "0")) + dropped))
         return dropped
 
     def pending(self, limit: int = MAX_WINDOWS_PER_BATCH) -> list[TelemetryWindow]:
@@ -217,25 +222,6 @@ class TelemetryOutbox(_SQLiteBuffer):
         return [TelemetryWindow.model_validate_json(row[0]) for row in rows]
 
     def acknowledge(self, ids: list[str]) -> int:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            removed = 0
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                removed += db.execute(f"DELETE FROM windows WHERE id IN ({marks})", chunk).rowcount
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return removed
-
-    def size(self) -> tuple[int, int]:
-        """(windows, bytes) waiting."""
-        count, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM windows").fetchone()
-        return int(count), int(size)
-
-    def dropped(self) -> int:
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
-        return int(row[0]) if row else 0
+        """Delete the acknowledged windows; returns how many were removed."""
+        with self._transaction() as db:
+            return self._delete_ids(db, ids)

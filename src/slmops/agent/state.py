@@ -69,6 +69,10 @@ class DataDir:
         return self.root / "outbox.db"
 
     @property
+    def telemetry_file(self) -> Path:
+        return self.root / "telemetry.db"
+
+    @property
     def blob_dir(self) -> Path:
         return self.root / "blobs"
 

@@ -1,0 +1,35 @@
+"""The agent's configuration: one frozen value, read by the daemon and every part it drives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slmops.agent.download import DownloadConfig
+from slmops.agent.outbox import OutboxConfig, TelemetryOutboxConfig
+from slmops.core.reconcile import Policy
+
+__all__ = ["AgentConfig"]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    data_dir: Path
+    server_url: str | None = None
+    enroll_token: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    poll_interval_s: float | None = None  # None: what the control plane said at enrollment
+    poll_jitter: float = 0.2  # each wait is the interval times a random factor in [1 - jitter, 1 + jitter]
+    probation_s: float = 120.0
+    health_interval_s: float = 60.0
+    heartbeat_interval_s: float = 60.0
+    request_timeout_s: float = 30.0
+    memory_bytes: int | None = None
+    cpu_cores: int | None = None
+    capabilities_file: Path | None = None
+    api_port: int | None = None  # serve the local API here instead of the blueprint's port (several agents per host)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    policy: Policy = field(default_factory=Policy)
+    telemetry_window_s: float = 60.0  # one telemetry window per version this long (closed at the next poll after)
+    telemetry: TelemetryOutboxConfig = field(default_factory=TelemetryOutboxConfig)

@@ -1,0 +1,173 @@
+"""The agent's side of :mod:`slmops.core.reconcile`: read the local view, ask the plan, execute its first step.
+
+Every step persists ``state.json`` before it runs (phase, step) and after (its result), and every step is
+idempotent, so an agent killed at any moment continues correctly after a restart:
+
+- *verify*: the desired manifest's signature against the server-provided trusted keys; nothing is downloaded first.
+- *download*: resumable partials, sha256-verified into the blob cache (:mod:`slmops.agent.download`).
+- *stage*: a slot directory renamed into place when complete (:mod:`slmops.agent.slots`).
+- *probe*: load and generate in a child process; a failed probe marks the version failed.
+- *activate*, *commit*, *rollback*: the slot switch (:mod:`slmops.agent.switch`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from slmops.agent._context import AgentContext, short_digest
+from slmops.agent._pause import pause
+from slmops.agent.download import BlobWant, Downloader
+from slmops.agent.switch import SlotSwitch
+from slmops.core.manifest import SignedManifest
+from slmops.core.reconcile import LocalView, Step, plan, target_of
+from slmops.core.wire import AgentPhase
+from slmops.errors import ConfigError, SLMOpsError
+from slmops.registry.signing import verify_envelope
+
+__all__ = ["Reconciler"]
+
+_PHASE: dict[str, AgentPhase] = {
+    "verify": "verifying",
+    "download": "downloading",
+    "stage": "staging",
+    "probe": "probing",
+    "activate": "activating",
+    "commit": "serving",
+    "rollback": "rolling_back",
+}
+
+
+class Reconciler:
+    """Executes the plan of :func:`slmops.core.reconcile.plan` one persisted step at a time."""
+
+    def __init__(self, ctx: AgentContext, switch: SlotSwitch) -> None:
+        self._ctx = ctx
+        self._switch = switch
+
+    def view(self) -> LocalView:
+        ctx, state = self._ctx, self._ctx.state
+        now = ctx.clock()
+        return LocalView(
+            active=ctx.slots.current(),
+            previous=ctx.slots.previous(),
+            committed=state.committed,
+            verified=frozenset(state.verified),
+            cached=frozenset(ctx.cache.digests()),
+            staged=ctx.slots.staged(),
+            probed=frozenset(d for d, r in state.probes.items() if r.ok),
+            failed=dict(state.failed),
+            crash_counts=dict(state.crash_counts),
+            active_crashed=self._switch.active_crashed,
+            health_failures=state.health_failures,
+            probation_over=state.probation_until is None or now >= state.probation_until,
+        )
+
+    def converge(self, max_steps: int = 16) -> list[Step]:
+        """Plan and execute one step at a time until the plan is a no-op or a step fails."""
+        ctx = self._ctx
+        done: list[Step] = []
+        for _ in range(max_steps):
+            steps = plan(target_of(ctx.state.desired), self.view(), ctx.config.policy)
+            step = steps[0]
+            if step.kind == "noop":
+                phase: AgentPhase = "serving" if ctx.slots.current() else "idle"
+                if ctx.state.phase != phase or ctx.state.step is not None:
+                    ctx.state.phase, ctx.state.step = phase, None
+                    ctx.save()
+                break
+            ctx.state.phase = _PHASE[step.kind]
+            ctx.state.step = f"{step.kind} {step.digest}"
+            ctx.save()
+            try:
+                self._execute(step)
+            except SLMOpsError as exc:
+                ctx.note_error(f"{step.kind} {short_digest(step.digest)} failed: {exc}", step)
+                break
+            ctx.state.step = None
+            ctx.state.last_error = None
+            ctx.save()
+            done.append(step)
+        return done
+
+    def _execute(self, step: Step) -> None:
+        match step.kind:
+            case "verify":
+                self._verify(step)
+            case "download":
+                self._download(step)
+            case "stage":
+                self._ctx.slots.stage(self._desired_envelope(step.digest))
+                self._ctx.event("staged", step.digest)
+            case "probe":
+                self._probe(step)
+            case "activate":
+                self._switch.activate(str(step.digest))
+            case "commit":
+                self._switch.commit(step.digest)
+            case "rollback":
+                self._switch.rollback(step)
+            case _:
+                raise ValueError(f"the plan step {step.kind!r} cannot be executed")
+
+    # ----------------------------------------------------------------------------------------------- steps
+
+    def _desired_envelope(self, digest: str | None) -> SignedManifest:
+        desired = self._ctx.state.desired
+        if desired is None or desired.model is None or desired.model.digest != digest:
+            raise ConfigError(f"version {digest} is no longer desired")
+        return desired.model.envelope
+
+    def _verify(self, step: Step) -> None:
+        ctx = self._ctx
+        envelope = self._desired_envelope(step.digest)
+        identity = ctx.identities.identity()
+        trusted = identity.trusted() if identity else {}
+        if envelope.digest != step.digest:
+            raise SLMOpsError(f"the desired state names {step.digest} but carries the manifest {envelope.digest}")
+        key_id = verify_envelope(envelope, trusted)
+        if envelope.manifest.format != "gguf":
+            ctx.state.failed[str(step.digest)] = f"format {envelope.manifest.format} cannot run on this agent"
+            return
+        ctx.state.verified = sorted({*ctx.state.verified, str(step.digest)})
+        ctx.event("verified", step.digest, key_id=key_id)
+
+    def _download(self, step: Step) -> None:
+        ctx = self._ctx
+        envelope = self._desired_envelope(step.digest)
+        sizes = {f.digest: f.size for f in envelope.manifest.files}
+        wants = [BlobWant(blob, sizes[blob]) for blob in step.blobs]
+        first_chunk = threading.Event()
+
+        def on_chunk(_digest: str, _offset: int) -> None:
+            if not first_chunk.is_set():
+                first_chunk.set()
+                pause("download_chunk")
+
+        downloader = Downloader(
+            ctx.require_client(), ctx.cache, ctx.data.download_dir, ctx.config.download, on_chunk=on_chunk
+        )
+        ctx.event("download_started", step.digest, blobs=len(wants), bytes=sum(w.size for w in wants))
+        started = time.monotonic()
+        report = downloader.fetch(wants)
+        ctx.event(
+            "downloaded",
+            step.digest,
+            blobs=len(report.fetched),
+            bytes_received=report.bytes_received,
+            attempts=report.attempts,
+            resumed_from=report.resumed_from,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def _probe(self, step: Step) -> None:
+        ctx = self._ctx
+        digest = str(step.digest)
+        envelope = ctx.slots.manifest(digest)
+        record = ctx.runtime.probe(ctx.slots.model_file(digest), envelope, ctx.runtime_config())
+        ctx.state.probes[digest] = record
+        if record.ok:
+            ctx.event("probe_passed", digest, decode_tokens_per_s=record.decode_tokens_per_s)
+        else:
+            ctx.state.failed[digest] = f"health probe failed: {record.reason}"
+            ctx.event("probe_failed", digest, reason=record.reason)
