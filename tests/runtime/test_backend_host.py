@@ -46,6 +46,26 @@ def test_a_bos_written_by_the_template_is_not_doubled(tiny_model: Path, load: Lo
     assert backend.count_tokens(info.bos_token + "hello") == backend.count_tokens("hello")
 
 
+def test_a_prompt_starting_with_the_bos_text_makes_llama_cpp_add_no_second_bos(
+    tiny_model: Path, load: Load, capfd: pytest.CaptureFixture[str]
+) -> None:
+    backend, info = load(tiny_model)
+    capfd.readouterr()
+
+    backend.complete(info.bos_token + "hello", max_tokens=2, **GREEDY)
+
+    assert "BOS" not in capfd.readouterr().err  # llama.cpp: "... the final prompt starts with 2 BOS tokens"
+
+
+def test_model_info_names_are_the_id_the_id_without_version_and_the_aliases() -> None:
+    assert ModelInfo(model_id="gemma3-270m@v1", aliases=("chat", "gemma3-270m")).names == (
+        "gemma3-270m@v1",
+        "gemma3-270m",
+        "chat",
+    )
+    assert ModelInfo(model_id="tiny").names == ("tiny",)
+
+
 def test_prompt_longer_than_the_context_is_refused(tiny_model: Path, load: Load) -> None:
     backend, _ = load(tiny_model)
     with pytest.raises(RuntimeBackendError, match="context of 256 tokens"):

@@ -46,7 +46,8 @@ def served() -> Iterator[Served]:
 
 
 def chat(text: str = "hi", **extra: Any) -> dict[str, Any]:
-    return {"model": "any", "messages": [{"role": "user", "content": text}], "temperature": 0, **extra}
+    """A chat request without a ``model`` field: the active model answers."""
+    return {"messages": [{"role": "user", "content": text}], "temperature": 0, **extra}
 
 
 def sse(response: httpx.Response) -> list[Any]:
@@ -117,6 +118,35 @@ def test_text_completion_non_streaming_and_streaming(served: Served, tiny_model:
     assert events[-1] == "[DONE]"
     assert "".join(c["choices"][0]["text"] for c in events[:-1]) == full["choices"][0]["text"]
     assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_request_for_a_model_this_device_does_not_serve_is_404_model_not_found(
+    served: Served, tiny_model: Path, load: Load
+) -> None:
+    backend, info = load(tiny_model, "tiny@v1")
+    served.host.activate(backend, ModelInfo(**{**info.__dict__, "aliases": ("assistant",)}))
+    post = served.client.post
+
+    for name in ("tiny@v2", "gpt-4o", "any"):
+        error = assert_error(post("/v1/chat/completions", json=chat(model=name, max_tokens=2)), 404, "model_not_found")
+        assert error["type"] == "invalid_request_error" and error["param"] == "model"
+        assert name in error["message"] and "'tiny@v1'" in error["message"]
+    assert_error(post("/v1/completions", json={"model": "x", "prompt": "hi", "stream": True}), 404, "model_not_found")
+    assert_error(served.client.get("/v1/models/gpt-4o"), 404, "model_not_found")
+    assert served.stats.snapshot().rejected == 4
+
+    for name in ("tiny@v1", "tiny", "assistant", None):
+        body = chat(max_tokens=2) if name is None else chat(model=name, max_tokens=2)
+        answer = post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, (name, answer.text)
+        assert answer.json()["model"] == "tiny@v1"
+    assert post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert served.client.get("/v1/models/tiny@v1").json()["id"] == "tiny@v1"
+
+
+def test_without_a_model_a_named_model_is_503_not_404(served: Served) -> None:
+    assert_error(served.client.post("/v1/chat/completions", json=chat(model="tiny")), 503, "model_not_loaded")
+    assert_error(served.client.get("/v1/models/tiny"), 404, "model_not_found")
 
 
 def test_the_models_stop_tokens_are_always_applied(served: Served, tiny_model: Path, load: Load) -> None:

@@ -3,7 +3,7 @@ OpenAI-compatible API. Heavy dependencies (llama_cpp, fastapi, uvicorn) are impo
 
 from __future__ import annotations
 
-from slmops.runtime.backend import Backend, BackendConfig, Completion, LlamaCppBackend, TextStream
+from slmops.runtime.backend import Backend, BackendConfig, Completion, LlamaCppBackend, Sampling, TextStream
 from slmops.runtime.chat import render_chat
 from slmops.runtime.host import ModelHost, ModelInfo
 from slmops.runtime.probe import ProbeConfig, ProbeResult, degenerate_reason, probe_backend, probe_model_file
@@ -23,6 +23,7 @@ __all__ = [
     "ProbeConfig",
     "ProbeResult",
     "RequestStats",
+    "Sampling",
     "StatsSnapshot",
     "TextStream",
     "create_app",

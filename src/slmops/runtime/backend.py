@@ -10,14 +10,14 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Required, TypedDict, Unpack, runtime_checkable
 
 from slmops.errors import MissingExtraError, RuntimeBackendError
 
 if TYPE_CHECKING:
     import llama_cpp
 
-__all__ = ["Backend", "BackendConfig", "Completion", "LlamaCppBackend", "TextStream"]
+__all__ = ["Backend", "BackendConfig", "Completion", "LlamaCppBackend", "Sampling", "TextStream"]
 
 
 def _import_llama_cpp() -> Any:
@@ -44,6 +44,16 @@ class BackendConfig:
     threads: int | None = None
     seed: int = 0
     batch_tokens: int = 512
+
+
+class Sampling(TypedDict, total=False):
+    """How to generate: the keyword arguments of :meth:`Backend.complete` and :meth:`Backend.stream`."""
+
+    max_tokens: Required[int]
+    temperature: Required[float]
+    top_p: Required[float]
+    stop: Required[list[str]]
+    seed: int | None  # None: the backend's configured seed
 
 
 @dataclass(frozen=True)
@@ -117,27 +127,9 @@ class Backend(Protocol):
 
     model_id: str
 
-    def complete(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: list[str],
-        seed: int | None = None,
-    ) -> Completion: ...
+    def complete(self, prompt: str, **sampling: Unpack[Sampling]) -> Completion: ...
 
-    def stream(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: list[str],
-        seed: int | None = None,
-    ) -> TextStream: ...
+    def stream(self, prompt: str, **sampling: Unpack[Sampling]) -> TextStream: ...
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -149,7 +141,8 @@ class LlamaCppBackend:
 
     ``count_tokens(prompt)`` is the number of tokens the prompt occupies in the context, beginning-of-sequence
     token included. Special-token text in the prompt (``<start_of_turn>``) is parsed as special tokens, as chat
-    templates need; a ``bos_token`` written by the template is not doubled by the one llama.cpp adds.
+    templates need; a prompt that already starts with the model's BOS text (a chat template's ``bos_token``) is
+    tokenized without the BOS llama.cpp would add, so it is not doubled.
     ``max_tokens`` is cut to what fits in the context window (then ``finish_reason`` is "length"); a prompt that
     does not fit at all raises :class:`RuntimeBackendError`.
     """
@@ -196,26 +189,19 @@ class LlamaCppBackend:
 
     def _tokens(self, text: str) -> list[int]:
         llama = self._require_open()
-        tokens: list[int] = llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         bos = llama.token_bos()
-        if len(tokens) >= 2 and tokens[0] == tokens[1] == bos:
-            tokens = tokens[1:]
+        bos_text = llama.detokenize([bos], special=True).decode("utf-8", "replace") if bos >= 0 else ""
+        has_bos = bool(bos_text) and text.startswith(bos_text)
+        tokens: list[int] = llama.tokenize(text.encode("utf-8"), add_bos=not has_bos, special=True)
         return tokens
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokens(text))
 
-    def stream(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: list[str],
-        seed: int | None = None,
-    ) -> TextStream:
+    def stream(self, prompt: str, **sampling: Unpack[Sampling]) -> TextStream:
         llama = self._require_open()
+        max_tokens = sampling["max_tokens"]
+        seed = sampling.get("seed")
         tokens = self._tokens(prompt)
         room = self.context_tokens - len(tokens)
         if room <= 0:
@@ -246,9 +232,9 @@ class LlamaCppBackend:
         chunks: Iterator[Any] = llama.create_completion(
             tokens,
             max_tokens=limit,
-            temperature=temperature,
-            top_p=top_p,
-            stop=[s for s in stop if s],
+            temperature=sampling["temperature"],
+            top_p=sampling["top_p"],
+            stop=[s for s in sampling["stop"] if s],
             stream=True,
             seed=self.config.seed if seed is None else seed,
             stopping_criteria=llama_cpp.StoppingCriteriaList([count]),
@@ -279,19 +265,8 @@ class LlamaCppBackend:
         result = TextStream(pieces(), prompt_tokens=len(tokens))
         return result
 
-    def complete(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: list[str],
-        seed: int | None = None,
-    ) -> Completion:
-        with self.stream(
-            prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed
-        ) as pieces:
+    def complete(self, prompt: str, **sampling: Unpack[Sampling]) -> Completion:
+        with self.stream(prompt, **sampling) as pieces:
             text = "".join(pieces)
             return Completion(
                 text=text,

@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Unpack
 
-from slmops.core.manifest import Manifest
+from slmops.core.manifest import Manifest, RuntimeHints
 from slmops.errors import UnavailableError
-from slmops.runtime.backend import Backend, Completion, TextStream
+from slmops.runtime.backend import Backend, Completion, Sampling, TextStream
 
 __all__ = ["ModelHost", "ModelInfo"]
 
@@ -20,7 +21,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the server needs to know about the model it serves, besides the backend itself."""
+    """What the server needs to know about the model it serves, besides the backend itself.
+
+    Requests may name the model by any of :attr:`names`: ``model_id``, ``model_id`` without its ``@version``, or
+    one of ``aliases``.
+    """
 
     model_id: str
     digest: str | None = None
@@ -29,20 +34,33 @@ class ModelInfo:
     bos_token: str = ""
     eos_token: str = ""
     context_tokens: int = 2048
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([self.model_id, self.model_id.partition("@")[0], *self.aliases]))
+
+    @classmethod
+    def from_hints(cls, hints: RuntimeHints, *, model_id: str, digest: str | None, context_tokens: int) -> ModelInfo:
+        return cls(
+            model_id=model_id,
+            digest=digest,
+            chat_template=hints.chat_template,
+            stop_tokens=list(hints.stop_tokens),
+            bos_token=hints.bos_token or "",
+            eos_token=hints.eos_token or "",
+            context_tokens=context_tokens,
+        )
 
     @classmethod
     def from_manifest(
         cls, manifest: Manifest, *, digest: str | None, context_tokens: int, model_id: str | None = None
     ) -> ModelInfo:
         """Runtime hints of a registered version; ``model_id`` defaults to ``name@version``."""
-        hints = manifest.runtime
-        return cls(
+        return cls.from_hints(
+            manifest.runtime,
             model_id=model_id or f"{manifest.name}@{manifest.version}",
             digest=digest,
-            chat_template=hints.chat_template,
-            stop_tokens=list(hints.stop_tokens),
-            bos_token=hints.bos_token or "",
-            eos_token=hints.eos_token or "",
             context_tokens=context_tokens,
         )
 
@@ -53,15 +71,7 @@ class ModelInfo:
         from slmops.registry.formats.gguf import gguf_runtime_hints, read_gguf
 
         hints = gguf_runtime_hints(read_gguf(path))
-        return cls(
-            model_id=model_id or path.stem,
-            digest=None,
-            chat_template=hints.chat_template,
-            stop_tokens=list(hints.stop_tokens),
-            bos_token=hints.bos_token or "",
-            eos_token=hints.eos_token or "",
-            context_tokens=context_tokens,
-        )
+        return cls.from_hints(hints, model_id=model_id or path.stem, digest=None, context_tokens=context_tokens)
 
 
 class _Serialized:
@@ -72,37 +82,15 @@ class _Serialized:
         self._lock = lock
         self.model_id = backend.model_id
 
-    def complete(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: list[str],
-        seed: int | None = None,
-    ) -> Completion:
+    def complete(self, prompt: str, **sampling: Unpack[Sampling]) -> Completion:
         with self._lock:
-            return self._backend.complete(
-                prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed
-            )
+            return self._backend.complete(prompt, **sampling)
 
-    def stream(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: list[str],
-        seed: int | None = None,
-    ) -> TextStream:
+    def stream(self, prompt: str, **sampling: Unpack[Sampling]) -> TextStream:
         """The lock is held until the stream is exhausted or closed: always do one or the other."""
         self._lock.acquire()
         try:
-            pieces = self._backend.stream(
-                prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed
-            )
+            pieces = self._backend.stream(prompt, **sampling)
         except BaseException:
             self._lock.release()
             raise

@@ -1,0 +1,124 @@
+"""One request's generation, run in a worker thread and reported to the event loop through a queue.
+
+The worker holds the request's lease on the model until it ends, so a model switch never closes a backend that is
+still generating. Nothing here logs prompt or answer text; errors are logged by type only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Any
+
+from slmops.errors import RuntimeBackendError
+from slmops.runtime._openai import ApiError, Done, bad_request
+from slmops.runtime.backend import Backend, Sampling
+from slmops.runtime.host import ModelInfo
+from slmops.runtime.stats import RequestStats
+
+__all__ = ["Generation"]
+
+log = logging.getLogger(__name__)
+
+
+class Generation:
+    """Reports ``("piece", str)`` events, then one ``("done", Done)`` or ``("error", ApiError)``, on ``queue``.
+
+    ``lease`` is closed when the work ends (or fails to start); setting ``cancel`` stops it after the next piece.
+    """
+
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        stats: RequestStats | None,
+        lease: ExitStack,
+        backend: Backend,
+        info: ModelInfo,
+        started: float,
+    ) -> None:
+        self.executor = executor
+        self.stats = stats
+        self.lease = lease
+        self.backend = backend
+        self.info = info
+        self.started = started
+        self.cancel = threading.Event()
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def start(self, prompt: str, sampling: Sampling) -> None:
+        loop = asyncio.get_running_loop()
+
+        def put(kind: str, value: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # RuntimeError: the event loop is gone (shutting down)
+                loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+
+        try:
+            self.executor.submit(self._work, prompt, sampling, put)
+        except RuntimeError:
+            self.lease.close()
+            raise ApiError(503, "the server is shutting down; retry later", "server_error", "shutting_down") from None
+
+    def _work(self, prompt: str, sampling: Sampling, put: Callable[[str, Any], None]) -> None:
+        model_id = self.info.model_id
+        first: float | None = None
+        prompt_tokens = completion_tokens = 0
+        outcome = "error"
+        try:
+            prompt_tokens = self.backend.count_tokens(prompt)
+            if prompt_tokens >= self.info.context_tokens:
+                outcome = "rejected"
+                put(
+                    "error",
+                    bad_request(
+                        f"the prompt has {prompt_tokens} tokens; model '{model_id}' has a context of "
+                        f"{self.info.context_tokens} tokens: shorten the prompt",
+                        "context_length_exceeded",
+                        "messages",
+                    ),
+                )
+                return
+            with self.backend.stream(prompt, **sampling) as pieces:
+                for piece in pieces:
+                    if first is None:
+                        first = time.monotonic()
+                    if self.cancel.is_set():
+                        outcome = "cancelled"
+                        break
+                    put("piece", piece)
+                prompt_tokens, completion_tokens = pieces.prompt_tokens, pieces.completion_tokens
+                if outcome != "cancelled":
+                    outcome = "ok"
+                    put("done", Done(prompt_tokens, completion_tokens, pieces.finish_reason or "stop"))
+        except RuntimeBackendError as exc:
+            log.warning("generation with model %s failed: %s", model_id, type(exc).__name__)
+            put("error", ApiError(500, exc.message, "server_error", exc.code))
+        except Exception as exc:
+            log.error("generation with model %s failed unexpectedly: %s", model_id, type(exc).__name__)
+            put(
+                "error",
+                ApiError(500, "the model failed to generate; see the device's log", "server_error", "internal"),
+            )
+        finally:
+            self.lease.close()
+            self._record(outcome, prompt_tokens, completion_tokens, first)
+
+    def _record(self, outcome: str, prompt_tokens: int, completion_tokens: int, first: float | None) -> None:
+        if self.stats is None:
+            return
+        if outcome == "rejected":
+            self.stats.record_rejected()
+            return
+        self.stats.record(
+            self.info.model_id,
+            ok=outcome != "error",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            latency_s=time.monotonic() - self.started if outcome == "ok" else None,
+            time_to_first_token_s=first - self.started if first is not None else None,
+        )

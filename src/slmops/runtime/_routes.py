@@ -1,0 +1,239 @@
+"""The routes of the local API and its error handlers, as module-level functions over :class:`ApiState`.
+
+Imports FastAPI at the top: import this module only where the ``server`` extra is known to be installed
+(:func:`slmops.runtime.server.create_app` does).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from slmops.errors import InvalidModelError, RuntimeBackendError, UnavailableError
+from slmops.runtime._generation import Generation
+from slmops.runtime._openai import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    Done,
+    GenerationRequest,
+    Kind,
+    bad_request,
+    chunker,
+    error_body,
+    full_response,
+    model_entry,
+    model_not_found,
+    sse,
+    too_long,
+    usage_chunk,
+)
+from slmops.runtime.backend import Backend
+from slmops.runtime.chat import message_text, render_chat
+from slmops.runtime.host import ModelHost, ModelInfo
+from slmops.runtime.stats import RequestStats
+
+__all__ = ["ApiState", "install_error_handlers", "router"]
+
+
+@dataclass(frozen=True)
+class ApiState:
+    """What the routes share, kept on ``app.state.api``."""
+
+    host: ModelHost
+    executor: ThreadPoolExecutor
+    stats: RequestStats | None
+    max_prompt_chars: int
+    max_tokens_limit: int
+
+    def reject(self, error: ApiError) -> Response:
+        """The error answer to a request refused before it reached a model (counted as rejected)."""
+        if self.stats is not None:
+            self.stats.record_rejected()
+        return error_response(error)
+
+    def lease(self) -> tuple[ExitStack, Backend, ModelInfo]:
+        stack = ExitStack()
+        try:
+            backend, info = stack.enter_context(self.host.lease())
+        except UnavailableError as exc:
+            raise ApiError(503, exc.message, "server_error", "model_not_loaded") from exc
+        return stack, backend, info
+
+
+def _api_state(request: Request) -> ApiState:
+    state: ApiState = request.app.state.api
+    return state
+
+
+Api = Annotated[ApiState, Depends(_api_state)]
+
+router = APIRouter()
+
+
+def error_response(error: ApiError) -> Response:
+    return JSONResponse(error_body(error), status_code=error.status)
+
+
+@router.get("/health", response_model=None)
+async def health(api: Api) -> Any:
+    info = api.host.active
+    if info is None:
+        return JSONResponse({"status": "unavailable", "model": None}, status_code=503)
+    return {"status": "ok", "model": info.model_id, "digest": info.digest}
+
+
+@router.get("/v1/models", response_model=None)
+async def list_models(api: Api) -> Any:
+    info = api.host.active
+    return {"object": "list", "data": [] if info is None else [model_entry(info)]}
+
+
+@router.get("/v1/models/{model:path}", response_model=None)
+async def retrieve_model(model: str, api: Api) -> Any:
+    info = api.host.active
+    if info is None or model not in info.names:
+        return error_response(model_not_found(model, info))
+    return model_entry(info)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatRequest, api: Api) -> Any:
+    started = time.monotonic()
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    try:
+        size = sum(len(message_text(m.get("content"))) for m in messages)
+    except RuntimeBackendError as exc:
+        return api.reject(bad_request(exc.message, param="messages"))
+    if size > api.max_prompt_chars:
+        return api.reject(too_long(size, api.max_prompt_chars, "messages"))
+
+    def render(info: ModelInfo) -> str:
+        try:
+            return render_chat(info.chat_template, messages, bos_token=info.bos_token, eos_token=info.eos_token)
+        except InvalidModelError as exc:
+            raise ApiError(500, exc.message, "server_error", "invalid_chat_template") from exc
+        except RuntimeBackendError as exc:
+            raise bad_request(exc.message, "invalid_messages", "messages") from exc
+
+    return await _generate(api, body, "chat", started, render)
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, api: Api) -> Any:
+    started = time.monotonic()
+    prompt = body.text()
+    if len(prompt) > api.max_prompt_chars:
+        return api.reject(too_long(len(prompt), api.max_prompt_chars, "prompt"))
+    return await _generate(api, body, "text", started, lambda _info: prompt)
+
+
+async def _generate(
+    api: ApiState, body: GenerationRequest, kind: Kind, started: float, prompt_for: Callable[[ModelInfo], str]
+) -> Any:
+    """Lease the active model, check the request against it, generate in a worker and answer."""
+    try:
+        stack, backend, info = api.lease()
+    except ApiError as exc:
+        return api.reject(exc)
+    try:
+        body.require_model(info)
+        sampling = body.sampling(info, api.max_tokens_limit)
+        prompt = prompt_for(info)
+    except ApiError as exc:
+        stack.close()
+        return api.reject(exc)
+    generation = Generation(api.executor, api.stats, stack, backend, info, started)
+    generation.start(prompt, sampling)
+    return await _respond(generation, body, kind)
+
+
+async def _respond(generation: Generation, body: GenerationRequest, kind: Kind) -> Any:
+    model_id = generation.info.model_id
+    ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    first = await generation.queue.get()
+    if first[0] == "error":
+        return error_response(first[1])
+    if not body.stream:
+        pieces: list[str] = []
+        event = first
+        while event[0] == "piece":
+            pieces.append(event[1])
+            event = await generation.queue.get()
+        if event[0] == "error":
+            return error_response(event[1])
+        return full_response(kind, ident, created, model_id, "".join(pieces), event[1])
+
+    chunk = chunker(kind, ident, created, model_id, body.include_usage())
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if kind == "chat":
+                yield sse(chunk({"role": "assistant", "content": ""}, None))
+            event = first
+            while True:
+                if event[0] == "piece":
+                    yield sse(chunk({"content": event[1]} if kind == "chat" else event[1], None))
+                elif event[0] == "done":
+                    done: Done = event[1]
+                    yield sse(chunk({} if kind == "chat" else "", done.finish_reason))
+                    if body.include_usage():
+                        yield sse(usage_chunk(chunk, done))
+                    break
+                else:
+                    yield sse(error_body(event[1]))
+                    break
+                event = await generation.queue.get()
+            yield "data: [DONE]\n\n"
+        finally:
+            generation.cancel.set()
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _api_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    problems = []
+    for item in errors[:5]:
+        where = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
+        problems.append(f"{where or 'body'}: {item.get('msg', 'invalid')}")
+    param = ".".join(str(p) for p in errors[0].get("loc", ())[1:2]) if errors else None
+    return _api_state(request).reject(
+        bad_request("invalid request: " + "; ".join(problems), "invalid_request", param or None)
+    )
+
+
+async def _http(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return error_response(ApiError(exc.status_code, str(exc.detail), type_, code))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error answer in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http)
