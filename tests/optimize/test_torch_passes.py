@@ -19,7 +19,8 @@ from safetensors import safe_open
 import slmops.optimize.torch_passes  # noqa: F401  (registers the torch passes)
 from slmops.errors import BlueprintError, InvalidModelError
 from slmops.optimize._llama import LlamaSession
-from slmops.optimize.hf_load import GGUF_METADATA_FILE, INT8_SCALE_SUFFIX, load_hf_model
+from slmops.optimize.gguf_metadata import GGUF_METADATA_FILE
+from slmops.optimize.hf_load import INT8_SCALE_SUFFIX, load_hf_model
 from slmops.optimize.passes import PassResult, get_pass
 from slmops.optimize.torch_ops import (
     magnitude_prune,

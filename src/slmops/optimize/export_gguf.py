@@ -12,29 +12,24 @@ support, following its conventions (checked against ``convert_hf_to_gguf.py`` an
 - F16 files keep 1-D tensors (norms, biases) in F32, as llama.cpp expects.
 
 The tokenizer is copied key for key from a source GGUF's ``tokenizer.*`` metadata when the model came from one (see
-:data:`slmops.optimize.hf_load.GGUF_METADATA_FILE`), or built from ``tokenizer.json`` (SentencePiece-style BPE with
-byte fallback → ``llama`` vocabulary with merge-rank scores; byte-level BPE → ``gpt2`` vocabulary with merges).
+:mod:`slmops.optimize.gguf_metadata`), or built from ``tokenizer.json`` (SentencePiece-style BPE with byte fallback →
+``llama`` vocabulary with merge-rank scores; byte-level BPE → ``gpt2`` vocabulary with merges).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from slmops.errors import InvalidModelError, MissingExtraError
+from slmops.errors import InvalidModelError
+from slmops.optimize._files import replace_durably
+from slmops.optimize.gguf_metadata import GGUF_METADATA_FILE, copy_gguf_metadata, import_gguf
+from slmops.optimize.hf_load import load_hf_model
 
-__all__ = [
-    "SUPPORTED_MODEL_TYPES",
-    "ExportReport",
-    "copy_gguf_metadata",
-    "export_gguf",
-    "export_gguf_dir",
-    "import_gguf",
-]
+__all__ = ["SUPPORTED_MODEL_TYPES", "ExportReport", "export_gguf", "export_gguf_dir"]
 
 ExportFileType = Literal["F16", "F32"]
 Progress = Callable[[float, float], None]
@@ -48,14 +43,6 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 def _no_progress(done: float, total: float) -> None:
     return None
-
-
-def import_gguf(purpose: str) -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise MissingExtraError("llama", purpose, "gguf") from None
-    return gguf
 
 
 @dataclass(frozen=True)
@@ -77,28 +64,6 @@ class ExportReport:
             "tokenizer_source": self.tokenizer_source,
             "vocab_size": self.n_vocab,
         }
-
-
-# ---------------------------------------------------------------------------------------------- metadata copying
-
-
-def copy_gguf_metadata(reader: Any, writer: Any, prefixes: tuple[str, ...], *, skip: Iterable[str] = ()) -> list[str]:
-    """Copy every key of ``reader`` that starts with one of ``prefixes`` into ``writer``, types and all."""
-    gguf = import_gguf("copying GGUF metadata")
-    skipped = set(skip)
-    copied = []
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in skipped or not key.startswith(prefixes):
-            continue
-        vtype = gguf.GGUFValueType(field.types[0])
-        if vtype == gguf.GGUFValueType.ARRAY:
-            if len(field.types) != 2:
-                raise InvalidModelError(f"GGUF key {key} is a nested array, which the exporter cannot copy")
-            writer.add_key_value(key, field.contents(), vtype, sub_type=gguf.GGUFValueType(field.types[1]))
-        else:
-            writer.add_key_value(key, field.contents(), vtype)
-        copied.append(key)
-    return copied
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -371,14 +336,6 @@ def _gguf_tensors(model: Any, arch: str, file_type: ExportFileType) -> Iterable[
 # ---------------------------------------------------------------------------------------------- export
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def export_gguf(
     model: Any,
     output_path: Path,
@@ -447,10 +404,7 @@ def export_gguf(
         temp.unlink(missing_ok=True)
         raise
     writer.close()
-    with temp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp, output_path)
-    _fsync_dir(output_path.parent)
+    replace_durably(temp, output_path)
     return ExportReport(output_path, arch, file_type, n_tensors, n_params, source, n_vocab)
 
 
@@ -458,8 +412,6 @@ def export_gguf_dir(
     model_dir: Path, output_path: Path, *, file_type: ExportFileType = "F16", progress: Progress = _no_progress
 ) -> ExportReport:
     """Export a safetensors model directory: the tokenizer from its GGUF metadata file, else its tokenizer.json."""
-    from slmops.optimize.hf_load import GGUF_METADATA_FILE, load_hf_model
-
     model_dir = Path(model_dir)
     model = load_hf_model(model_dir)
     metadata = model_dir / GGUF_METADATA_FILE

@@ -12,12 +12,13 @@ import ctypes
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field, field_validator
 
 from slmops.errors import InvalidModelError, RuntimeBackendError
-from slmops.optimize.passes import Pass, PassParams, PassProgress, PassResult, register_pass
+from slmops.optimize.gguf_metadata import import_gguf
+from slmops.optimize.passes import Pass, PassParams, PassProgress, register_pass
 
 __all__ = ["QUANT_PRESETS", "Dequantize", "DequantizeParams", "ImatrixParams", "Quantize", "QuantizeParams"]
 
@@ -92,96 +93,117 @@ class Dequantize(Pass[DequantizeParams]):
     def variant_label(self, params: DequantizeParams) -> str:
         return "f16"
 
-    def run(self, input_path: Path, params: DequantizeParams, workdir: Path, progress: PassProgress) -> PassResult:
-        try:
-            import gguf
-            import numpy as np
-        except ImportError:
-            from slmops.errors import MissingExtraError
+    def apply(self, input_path: Path, params: DequantizeParams, output: Path, progress: PassProgress) -> dict[str, Any]:
+        gguf = import_gguf("dequantizing a GGUF model")
 
-            raise MissingExtraError("llama", "dequantizing a GGUF model", "gguf") from None
-
-        output = workdir / "model-f16.gguf"
         reader = gguf.GGUFReader(str(input_path), "r")
         arch_field = reader.fields.get("general.architecture")
         if arch_field is None:
             raise InvalidModelError(f"{input_path}: no general.architecture key; not a llama.cpp model GGUF")
-        arch = str(arch_field.contents())
-        writer = gguf.GGUFWriter(str(output), arch)
-        copied = 0
-        for field in reader.fields.values():
-            if field.name == "general.architecture" or field.name.startswith("GGUF."):
-                continue
-            vtype = field.types[0]
-            sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            value: Any = field.contents()
-            if field.name == "general.file_type":
-                value = 1  # LLAMA_FTYPE_MOSTLY_F16
-            if field.name == "general.alignment":
-                writer.data_alignment = int(value)
-            writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
-            copied += 1
-        if "general.file_type" not in reader.fields:
-            writer.add_file_type(1)
-
-        plan: list[tuple[Any, Any, tuple[int, ...], bool]] = []
-        dtype: Any  # (tensor, out dtype, numpy shape, convert)
-        converted: dict[str, int] = {}
-        for tensor in reader.tensors:
-            np_shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-            qtype = tensor.tensor_type
-            if qtype == gguf.GGMLQuantizationType.F32:
-                dtype, convert = np.float32, False
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                dtype, convert = np.float16, False
-            else:
-                dtype, convert = np.float16, True
-                converted[qtype.name] = converted.get(qtype.name, 0) + 1
-            nbytes = int(np.prod(np_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            writer.add_tensor_info(tensor.name, np_shape, np.dtype(dtype), nbytes)
-            plan.append((tensor, dtype, np_shape, convert))
-
+        writer = gguf.GGUFWriter(str(output), str(arch_field.contents()))
+        copied = _copy_metadata_as_f16(gguf, reader, writer)
+        plan, converted = _plan_f16_tensors(gguf, reader, writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         assert writer.fout is not None
         fout = writer.fout[0]
-        total = sum(int(t.n_elements) for t, *_ in plan)
+        total = sum(int(item.tensor.n_elements) for item in plan)
         done = 0
-        for tensor, dtype, np_shape, convert in plan:
+        for item in plan:
             writer.write_padding(fout, fout.tell())
-            nbytes = 0
-            if not convert:
-                data = np.asarray(tensor.data)
-                data.tofile(fout)
-                nbytes = data.nbytes
-            else:
-                raw = np.asarray(tensor.data)
-                rows = raw.reshape(-1, raw.shape[-1])  # (rows, bytes per row)
-                for start in range(0, rows.shape[0], params.chunk_rows):
-                    part = gguf.quants.dequantize(rows[start : start + params.chunk_rows], tensor.tensor_type)
-                    out = part.astype(np.float16)  # (chunk, row elements)
-                    if not np.isfinite(out).all():
-                        raise InvalidModelError(
-                            f"{input_path}: tensor {tensor.name!r} has values outside the F16 range; "
-                            "an F16 copy would lose them (dequantize to F32 is not offered)"
-                        )
-                    out.tofile(fout)
-                    nbytes += out.nbytes
-            expected = int(np.prod(np_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            if nbytes != expected:
-                raise RuntimeBackendError(f"tensor {tensor.name!r}: wrote {nbytes} bytes, expected {expected}")
+            nbytes = _write_f16_tensor(gguf, fout, item, params.chunk_rows, input_path)
             writer.write_padding(fout, nbytes)
-            done += int(tensor.n_elements)
+            done += int(item.tensor.n_elements)
             progress(done, total)
         fout.flush()
         os.fsync(fout.fileno())
         writer.close()
         del reader
-        return PassResult(
-            output,
-            {"converted_tensors": dict(sorted(converted.items())), "metadata_keys": copied, "tensors": len(plan)},
-        )
+        return {"converted_tensors": dict(sorted(converted.items())), "metadata_keys": copied, "tensors": len(plan)}
+
+
+class _TensorPlan(NamedTuple):
+    tensor: Any  # a gguf.ReaderTensor
+    dtype: Any  # numpy float32 or float16
+    np_shape: tuple[int, ...]
+    convert: bool  # quantized: dequantize to F16
+
+    @property
+    def nbytes(self) -> int:
+        import numpy as np
+
+        return int(np.prod(self.np_shape, dtype=np.int64)) * int(np.dtype(self.dtype).itemsize)
+
+
+def _copy_metadata_as_f16(gguf: Any, reader: Any, writer: Any) -> int:
+    """Copy every metadata key (``general.file_type`` set to F16, the alignment kept); return how many."""
+    copied = 0
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        value: Any = field.contents()
+        if field.name == "general.file_type":
+            value = 1  # LLAMA_FTYPE_MOSTLY_F16
+        if field.name == "general.alignment":
+            writer.data_alignment = int(value)
+        writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
+        copied += 1
+    if "general.file_type" not in reader.fields:
+        writer.add_file_type(1)
+    return copied
+
+
+def _plan_f16_tensors(gguf: Any, reader: Any, writer: Any) -> tuple[list[_TensorPlan], dict[str, int]]:
+    """Declare every tensor to ``writer`` as F32 (kept) or F16; return the plan and the count of converted tensors
+    per quantization type."""
+    import numpy as np
+
+    plan: list[_TensorPlan] = []
+    converted: dict[str, int] = {}
+    for tensor in reader.tensors:
+        np_shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        qtype = tensor.tensor_type
+        if qtype == gguf.GGMLQuantizationType.F32:
+            item = _TensorPlan(tensor, np.float32, np_shape, convert=False)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            item = _TensorPlan(tensor, np.float16, np_shape, convert=False)
+        else:
+            item = _TensorPlan(tensor, np.float16, np_shape, convert=True)
+            converted[qtype.name] = converted.get(qtype.name, 0) + 1
+        writer.add_tensor_info(tensor.name, np_shape, np.dtype(item.dtype), item.nbytes)
+        plan.append(item)
+    return plan, converted
+
+
+def _write_f16_tensor(gguf: Any, fout: Any, item: _TensorPlan, chunk_rows: int, input_path: Path) -> int:
+    """Write one tensor's data (dequantized ``chunk_rows`` rows at a time when it is quantized); return its bytes."""
+    import numpy as np
+
+    tensor = item.tensor
+    if not item.convert:
+        data = np.asarray(tensor.data)
+        data.tofile(fout)
+        nbytes = int(data.nbytes)
+    else:
+        nbytes = 0
+        raw = np.asarray(tensor.data)
+        rows = raw.reshape(-1, raw.shape[-1])  # (rows, bytes per row)
+        for start in range(0, rows.shape[0], chunk_rows):
+            part = gguf.quants.dequantize(rows[start : start + chunk_rows], tensor.tensor_type)
+            out = part.astype(np.float16)  # (chunk, row elements)
+            if not np.isfinite(out).all():
+                raise InvalidModelError(
+                    f"{input_path}: tensor {tensor.name!r} has values outside the F16 range; "
+                    "an F16 copy would lose them (dequantize to F32 is not offered)"
+                )
+            out.tofile(fout)
+            nbytes += out.nbytes
+    if nbytes != item.nbytes:
+        raise RuntimeBackendError(f"tensor {tensor.name!r}: wrote {nbytes} bytes, expected {item.nbytes}")
+    return nbytes
 
 
 # ---------------------------------------------------------------------------------------------------- quantize
@@ -239,7 +261,10 @@ class Quantize(Pass[QuantizeParams]):
             label += "-mix"
         return label
 
-    def run(self, input_path: Path, params: QuantizeParams, workdir: Path, progress: PassProgress) -> PassResult:
+    def output_stem(self, params: QuantizeParams) -> str:
+        return params.type.lower()
+
+    def apply(self, input_path: Path, params: QuantizeParams, output: Path, progress: PassProgress) -> dict[str, Any]:
         from slmops.optimize._llama import import_llama, quiet_llama_logs
         from slmops.registry.formats.gguf import read_gguf
 
@@ -281,7 +306,6 @@ class Quantize(Pass[QuantizeParams]):
         if params.imatrix is not None:
             matrix_report = self._attach_imatrix(input_path, params.imatrix, qparams, keep, threads, progress)
             report["imatrix"] = matrix_report
-        output = workdir / f"model-{params.type.lower()}.gguf"
         status = llama_cpp.llama_model_quantize(str(input_path).encode(), str(output).encode(), ctypes.byref(qparams))
         if status != 0 or not output.exists():
             raise RuntimeBackendError(
@@ -291,7 +315,7 @@ class Quantize(Pass[QuantizeParams]):
         del keep
         report.update(_type_report(read_gguf(output), params))
         progress(1, 1)
-        return PassResult(output, report)
+        return report
 
     def _attach_imatrix(
         self,

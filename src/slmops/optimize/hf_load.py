@@ -5,8 +5,9 @@ imported inside the functions, so importing this module is cheap; a missing pack
 :class:`~slmops.errors.MissingExtraError` naming the ``optimize`` extra.
 
 A model directory written here holds ``config.json``, ``model.safetensors``, the Hugging Face tokenizer files when
-there are any, and, when the model came from a GGUF, :data:`GGUF_METADATA_FILE`: a GGUF without tensors that keeps
-the source's ``tokenizer.*`` and ``general.*`` metadata, so that the exporter can write the tokenizer back exactly.
+there are any, and, when the model came from a GGUF, :data:`~slmops.optimize.gguf_metadata.GGUF_METADATA_FILE`: a
+GGUF without tensors that keeps the source's ``tokenizer.*`` and ``general.*`` metadata, so that the exporter can write
+the tokenizer back exactly.
 
 Int8 weight-only models (see :mod:`slmops.optimize.torch_passes`) are stored as int8 tensors plus a float32
 ``<name>.int8_scale`` per output channel; :func:`load_hf_model` dequantizes them on load.
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from slmops.errors import InvalidModelError, MissingExtraError
+from slmops.optimize._files import fsync_dir
+from slmops.optimize.gguf_metadata import GGUF_METADATA_FILE
 
 __all__ = [
-    "GGUF_METADATA_FILE",
     "INT8_SCALE_SUFFIX",
     "SIDECAR_FILES",
     "copy_sidecar_files",
@@ -33,10 +35,8 @@ __all__ = [
     "load_hf_model",
     "load_hf_model_from_gguf",
     "save_hf_model",
-    "write_gguf_metadata",
 ]
 
-GGUF_METADATA_FILE = "gguf_metadata.gguf"
 INT8_SCALE_SUFFIX = ".int8_scale"
 SAFETENSORS_FORMAT_KEY = "slmops.format"
 INT8_FORMAT = "int8_weight_only"
@@ -75,14 +75,6 @@ def _import_safetensors(purpose: str) -> Any:
     except ImportError:
         raise MissingExtraError("optimize", purpose, "safetensors") from None
     return safetensors.torch
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_hf_model_from_gguf(gguf_path: Path) -> Any:
@@ -194,9 +186,9 @@ def save_hf_model(model: Any, directory: Path, *, tensors: dict[str, Any] | None
     for path in temp.iterdir():
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
-    _fsync_dir(temp)
+    fsync_dir(temp)
     os.replace(temp, directory)
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
     return directory
 
 
@@ -209,27 +201,3 @@ def copy_sidecar_files(source: Path, destination: Path, names: Iterable[str] = S
             shutil.copyfile(path, Path(destination) / name)
             copied.append(name)
     return copied
-
-
-def write_gguf_metadata(
-    gguf_path: Path, destination: Path, prefixes: tuple[str, ...] = ("tokenizer.", "general.")
-) -> Path:
-    """Write a tensor-less GGUF at ``destination`` with the metadata keys of ``gguf_path`` under ``prefixes``."""
-    from slmops.optimize.export_gguf import copy_gguf_metadata, import_gguf
-
-    gguf = import_gguf("copying GGUF metadata")
-    reader = gguf.GGUFReader(str(gguf_path))
-    arch = str(reader.fields["general.architecture"].contents())
-    destination = Path(destination)
-    temp = destination.with_name(f".{destination.name}.tmp")
-    writer = gguf.GGUFWriter(str(temp), arch)
-    copy_gguf_metadata(reader, writer, prefixes, skip=("general.architecture",))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with temp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp, destination)
-    _fsync_dir(destination.parent)
-    return destination

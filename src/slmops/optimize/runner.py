@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slmops.config import Settings
 from slmops.core.device_profiles import DEVICE_PROFILES
@@ -29,10 +29,14 @@ from slmops.core.manifest import Lineage, RecipeStep, SignedManifest, Source, ca
 from slmops.core.manifest import Recipe as LineageRecipe
 from slmops.core.requirements import estimate_requirements
 from slmops.errors import InvalidModelError
+from slmops.optimize._files import fsync_dir
 from slmops.optimize.passes import PassProgress, get_pass
-from slmops.optimize.recipe import EvaluationSpec, Recipe
+from slmops.optimize.recipe import EvaluationSpec, Recipe, VariantSpec
 from slmops.registry.blobstore import hash_file
 from slmops.registry.service import Registry
+
+if TYPE_CHECKING:
+    from slmops.registry.sources import InspectedModel
 
 __all__ = [
     "ProgressFactory",
@@ -124,15 +128,7 @@ def _atomic_json(path: Path, value: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 class _StepCache:
@@ -145,10 +141,7 @@ class _StepCache:
         the_pass = get_pass(pass_name)
         params = the_pass.parse_params(raw_params)
         canonical = the_pass.canonical_params(params)
-        key = digest_bytes(
-            canonical_json({"input": input_digest, "pass": pass_name, "version": the_pass.version, "params": canonical})
-        ).removeprefix("sha256:")
-        final = self.root / key
+        final = self.root / the_pass.cache_key(input_digest, params)
         if (final / "result.json").exists():
             done = json.loads((final / "result.json").read_text(encoding="utf-8"))
             output = final / done["output"]
@@ -169,7 +162,7 @@ class _StepCache:
                 os.replace(work, final)
             except OSError:  # another run finished the same step first; keep theirs
                 shutil.rmtree(work, ignore_errors=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -286,6 +279,144 @@ def resolve_source(registry: Registry, ref: str) -> SignedManifest:
     return registry.resolve(ref)
 
 
+def _gguf_source(registry: Registry, ref: str) -> SignedManifest:
+    """The recipe's source version; the GGUF passes and the evaluation need a single GGUF file."""
+    source = resolve_source(registry, ref)
+    manifest = source.manifest
+    if manifest.format != "gguf" or len(manifest.files) != 1:
+        raise InvalidModelError(
+            f"{manifest.name}@{manifest.version} is {manifest.format} with {len(manifest.files)} files; the GGUF "
+            "passes need a single-file GGUF source (torch passes for safetensors sources are not there yet)"
+        )
+    return source
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    """One run's evaluation: the same token ids for every file, metrics cached by (file, settings, tokens, machine)."""
+
+    root: Path
+    spec: EvaluationSpec
+    tokens: Any
+    token_digest: str
+    machine: str
+    progress_factory: ProgressFactory
+
+    @classmethod
+    def prepare(cls, recipe: Recipe, source_path: Path, root: Path, progress_factory: ProgressFactory) -> _Evaluation:
+        """Tokenize the evaluation text and tasks once, with the source's tokenizer."""
+        from slmops.optimize._data import load_tasks, read_text
+        from slmops.optimize.evaluate import machine_label, tokenize_for_eval
+
+        spec = recipe.evaluation
+        machine = machine_label()
+        tasks = load_tasks(spec.tasks, recipe.base_dir)[: spec.max_tasks] if spec.tasks else []
+        tokens = tokenize_for_eval(source_path, read_text(spec.text, recipe.base_dir), spec.max_tokens, tasks)
+        token_digest = digest_bytes(
+            canonical_json(
+                [list(tokens.text), [[list(t.prompt), [list(o) for o in t.options], t.answer] for t in tokens.tasks]]
+            )
+        )
+        return cls(root, spec, tokens, token_digest, machine, progress_factory)
+
+    def metrics(self, path: Path, digest: str, label: str) -> tuple[dict[str, float], bool]:
+        """(metrics of the file, whether they came from the cache)."""
+        key_file = self.root / "evals" / f"{_eval_key(digest, self.spec, self.token_digest, self.machine)}.json"
+        if key_file.exists():
+            return json.loads(key_file.read_text(encoding="utf-8"))["metrics"], True
+        metrics = evaluate_file(path, self.tokens, self.spec, progress_factory=self.progress_factory, label=label)
+        _atomic_json(key_file, {"metrics": metrics, "measured_on": self.machine, "file": digest})
+        return metrics, False
+
+    def source_metrics(self, source: SignedManifest, source_path: Path) -> dict[str, float]:
+        """Evaluate the source, and record its metrics for :func:`source_metrics_for`."""
+        manifest = source.manifest
+        metrics, _ = self.metrics(source_path, manifest.files[0].digest, f"{manifest.name}@{manifest.version}")
+        _atomic_json(
+            self.root / "sources" / f"{source.digest.removeprefix('sha256:')}.json",
+            {"metrics": metrics, "measured_on": self.machine, "settings": self.spec.model_dump(mode="json")},
+        )
+        return metrics
+
+    def notes(self) -> list[str]:
+        return [
+            f"speeds and peak RSS measured on {self.machine}; a profile's thread count is capped at this machine's "
+            "cores (the threads@PROFILE metric says how many were used)",
+            f"perplexity on {self.spec.text}: {len(self.tokens.text)} tokens, chunks of {self.spec.context_tokens}, "
+            "second half of each chunk scored; the same token ids for every variant",
+        ]
+
+
+@dataclass
+class _VariantMaker:
+    """Makes, measures and registers the variants of one recipe, in order; a variant whose steps extend another's
+    records that one as its lineage parent."""
+
+    registry: Registry
+    recipe: Recipe
+    source: SignedManifest
+    steps: _StepCache
+    evaluation: _Evaluation
+    progress_factory: ProgressFactory
+    made: dict[tuple[tuple[str, str], ...], SignedManifest] = field(default_factory=dict)
+
+    @property
+    def output_name(self) -> str:
+        return self.recipe.output_name or self.source.manifest.name
+
+    def make(self, variant: VariantSpec) -> VariantOutcome:
+        path, digest, step_outcomes = self._run_passes(variant)
+        inspected, metrics, eval_cached = self._measure(path, digest, variant.name)
+        chain = tuple((o.pass_name, canonical_json(o.params).decode()) for o in step_outcomes)
+        parent, covered = _lineage_parent(chain, self.made, self.source)
+        lineage = Lineage(
+            parents=[parent.digest],
+            recipe=LineageRecipe(
+                name=self.recipe.name,
+                steps=[RecipeStep(pass_name=s.pass_name, params=s.params) for s in step_outcomes[covered:]],
+            ),
+        )
+        files = {f"{self.output_name}-{variant.name}.gguf": path} if path.is_file() else dict(inspected.files)
+        result = self.registry.register(
+            self.output_name,
+            inspected.format,
+            files,
+            facts=inspected.facts,
+            runtime=self.source.manifest.runtime,
+            weight_bytes=inspected.weight_bytes,
+            source=Source(kind="derived", origin=parent.digest),
+            lineage=lineage,
+            variant=variant.name,
+            license=self.source.manifest.license,
+            metrics=metrics,
+        )
+        self.made[chain] = result.envelope
+        return VariantOutcome(variant.name, result.envelope, result.created, metrics, step_outcomes, eval_cached)
+
+    def _run_passes(self, variant: VariantSpec) -> tuple[Path, str, list[StepOutcome]]:
+        """(output path, its digest, what each step did), each step from the cache when it ran before."""
+        source_file = self.source.manifest.files[0]
+        path, digest = self.registry.blob_path(source_file.digest), source_file.digest
+        outcomes: list[StepOutcome] = []
+        for step in variant.passes:
+            path, digest, outcome = self.steps.run(
+                path, digest, step.pass_name, step.params, self.progress_factory(f"{variant.name}: {step.pass_name}")
+            )
+            outcomes.append(outcome)
+        return path, digest, outcomes
+
+    def _measure(self, path: Path, digest: str, label: str) -> tuple[InspectedModel, dict[str, float], bool]:
+        """(what the output is, its metrics, whether they were cached); only GGUF runs through the evaluation."""
+        from slmops.registry.sources import inspect_source
+
+        inspected = inspect_source(path)
+        if inspected.format == "gguf":
+            metrics, cached = self.evaluation.metrics(path, digest, label)
+            return inspected, metrics, cached
+        # the evaluation harness runs GGUF through llama.cpp; export to GGUF to measure the rest
+        return inspected, {"size_bytes": float(sum(p.stat().st_size for p in inspected.files.values()))}, False
+
+
 def run_recipe(
     registry: Registry,
     recipe: Recipe,
@@ -295,103 +426,19 @@ def run_recipe(
     on_variant: Callable[[VariantOutcome], None] | None = None,
 ) -> RunResult:
     """Make, evaluate and register every variant of ``recipe``; see the module docstring for caching."""
-    from slmops.optimize._data import load_tasks, read_text
-    from slmops.optimize.evaluate import machine_label, tokenize_for_eval
-    from slmops.registry.sources import inspect_source
-
-    source = resolve_source(registry, recipe.source)
-    manifest = source.manifest
-    if manifest.format != "gguf" or len(manifest.files) != 1:
-        raise InvalidModelError(
-            f"{manifest.name}@{manifest.version} is {manifest.format} with {len(manifest.files)} files; the GGUF "
-            "passes need a single-file GGUF source (torch passes for safetensors sources are not there yet)"
-        )
+    source = _gguf_source(registry, recipe.source)
     root = cache_dir(settings)
-    steps_cache = _StepCache(root)
-    source_file = manifest.files[0]
-    source_path = registry.blob_path(source_file.digest)
-    spec = recipe.evaluation
-    machine = machine_label()
-    tasks = load_tasks(spec.tasks, recipe.base_dir)[: spec.max_tasks] if spec.tasks else []
-    tokens = tokenize_for_eval(source_path, read_text(spec.text, recipe.base_dir), spec.max_tokens, tasks)
-    token_digest = digest_bytes(
-        canonical_json(
-            [list(tokens.text), [[list(t.prompt), [list(o) for o in t.options], t.answer] for t in tokens.tasks]]
-        )
-    )
-
-    def evaluate(path: Path, digest: str, label: str) -> tuple[dict[str, float], bool]:
-        key_file = root / "evals" / f"{_eval_key(digest, spec, token_digest, machine)}.json"
-        if key_file.exists():
-            return json.loads(key_file.read_text(encoding="utf-8"))["metrics"], True
-        metrics = evaluate_file(path, tokens, spec, progress_factory=progress_factory, label=label)
-        _atomic_json(key_file, {"metrics": metrics, "measured_on": machine, "file": digest})
-        return metrics, False
-
-    notes = [
-        f"speeds and peak RSS measured on {machine}; a profile's thread count is capped at this machine's cores "
-        "(the threads@PROFILE metric says how many were used)",
-        f"perplexity on {spec.text}: {len(tokens.text)} tokens, chunks of {spec.context_tokens}, second half of each "
-        "chunk scored; the same token ids for every variant",
-    ]
-    source_metrics: dict[str, float] = {}
-    if spec.evaluate_source:
-        source_metrics, _ = evaluate(source_path, source_file.digest, f"{manifest.name}@{manifest.version}")
-        _atomic_json(
-            root / "sources" / f"{source.digest.removeprefix('sha256:')}.json",
-            {"metrics": source_metrics, "measured_on": machine, "settings": spec.model_dump(mode="json")},
-        )
-
-    output_name = recipe.output_name or manifest.name
-    made: dict[tuple[tuple[str, str], ...], SignedManifest] = {}
+    source_path = registry.blob_path(source.manifest.files[0].digest)
+    evaluation = _Evaluation.prepare(recipe, source_path, root, progress_factory)
+    source_metrics = evaluation.source_metrics(source, source_path) if recipe.evaluation.evaluate_source else {}
+    maker = _VariantMaker(registry, recipe, source, _StepCache(root), evaluation, progress_factory)
     outcomes: list[VariantOutcome] = []
     for variant in recipe.variants:
-        current_path, current_digest = source_path, source_file.digest
-        chain: list[tuple[str, str]] = []
-        step_outcomes: list[StepOutcome] = []
-        for step in variant.passes:
-            current_path, current_digest, outcome = steps_cache.run(
-                current_path, current_digest, step.pass_name, step.params,
-                progress_factory(f"{variant.name}: {step.pass_name}"),
-            )  # fmt: skip
-            step_outcomes.append(outcome)
-            chain.append((outcome.pass_name, canonical_json(outcome.params).decode()))
-        inspected = inspect_source(current_path)
-        if inspected.format == "gguf":
-            metrics, eval_cached = evaluate(current_path, current_digest, variant.name)
-        else:  # the evaluation harness runs GGUF through llama.cpp; export to GGUF to measure the rest
-            metrics, eval_cached = {"size_bytes": float(sum(p.stat().st_size for p in inspected.files.values()))}, False
-        files = (
-            {f"{output_name}-{variant.name}.gguf": current_path} if current_path.is_file() else dict(inspected.files)
-        )
-        key = tuple(chain)
-        parent, covered = _lineage_parent(key, made, source)
-        lineage = Lineage(
-            parents=[parent.digest],
-            recipe=LineageRecipe(
-                name=recipe.name,
-                steps=[RecipeStep(pass_name=s.pass_name, params=s.params) for s in step_outcomes[covered:]],
-            ),
-        )
-        result = registry.register(
-            output_name,
-            inspected.format,
-            files,
-            facts=inspected.facts,
-            runtime=manifest.runtime,
-            weight_bytes=inspected.weight_bytes,
-            source=Source(kind="derived", origin=parent.digest),
-            lineage=lineage,
-            variant=variant.name,
-            license=manifest.license,
-            metrics=metrics,
-        )
-        made[key] = result.envelope
-        outcome_v = VariantOutcome(variant.name, result.envelope, result.created, metrics, step_outcomes, eval_cached)
-        outcomes.append(outcome_v)
+        outcome = maker.make(variant)
+        outcomes.append(outcome)
         if on_variant is not None:
-            on_variant(outcome_v)
-    return RunResult(recipe.name, source, source_metrics, outcomes, machine, notes)
+            on_variant(outcome)
+    return RunResult(recipe.name, source, source_metrics, outcomes, evaluation.machine, evaluation.notes())
 
 
 def source_metrics_for(digest: str, settings: Settings | None = None) -> dict[str, Any] | None:

@@ -309,6 +309,103 @@ def _rebuild(model: Any, config: Any, state: dict[str, Any]) -> Any:
     return rebuilt
 
 
+@dataclass(frozen=True)
+class _UnitLayout:
+    """A layer's prunable units: ``units`` query heads or MLP channels, in ``n_groups`` groups of ``group`` (one
+    group per key/value head; all channels are one group)."""
+
+    target: StructuredTarget
+    units: int
+    group: int
+    n_groups: int
+    head_dim: int = 0  # heads only
+
+
+def _unit_layout(config: Any, target: StructuredTarget) -> _UnitLayout:
+    if target == "mlp":
+        units = int(config.intermediate_size)
+        return _UnitLayout(target, units, group=units, n_groups=1)
+    if target == "heads":
+        n_head, n_kv = int(config.num_attention_heads), int(config.num_key_value_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_head)
+        return _UnitLayout(target, n_head, group=n_head // n_kv, n_groups=n_kv, head_dim=head_dim)
+    raise ValueError(f"target must be 'heads' or 'mlp', got {target!r}")
+
+
+def _unit_scores(layer: Any, layout: _UnitLayout) -> Any:
+    """The L2 norm of each unit's weights in one decoder layer: (units,)."""
+    if layout.target == "mlp":
+        mlp = layer.mlp
+        return (  # (intermediate,)
+            mlp.gate_proj.weight.pow(2).sum(1) + mlp.up_proj.weight.pow(2).sum(1) + mlp.down_proj.weight.pow(2).sum(0)
+        ).sqrt()
+    attn = layer.self_attn
+    q = attn.q_proj.weight.view(layout.units, layout.head_dim, -1)  # (heads, head_dim, hidden)
+    o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], layout.units, layout.head_dim)  # (hidden, heads, head_dim)
+    return (q.pow(2).sum((1, 2)) + o.pow(2).sum((0, 2))).sqrt()  # (heads,)
+
+
+def _lowest_per_group(score: Any, layout: _UnitLayout, per_group: int) -> tuple[int, ...]:
+    """The ``per_group`` lowest-scoring units of every group, as sorted indices into the layer's units."""
+    import torch
+
+    drop: list[int] = []
+    for g in range(layout.n_groups):
+        members = score[g * layout.group : (g + 1) * layout.group]  # (group,)
+        lowest = torch.topk(members, per_group, largest=False).indices if per_group else members[:0].long()
+        drop.extend(sorted(int(i) + g * layout.group for i in lowest))
+    return tuple(drop)
+
+
+def _mask_units(layer: Any, layout: _UnitLayout, drop: tuple[int, ...]) -> None:
+    """Zero the weights of the units ``drop`` in one layer, in place."""
+    import torch
+
+    idx = torch.tensor(drop)
+    if layout.target == "mlp":
+        layer.mlp.gate_proj.weight[idx, :] = 0.0
+        layer.mlp.up_proj.weight[idx, :] = 0.0
+        layer.mlp.down_proj.weight[:, idx] = 0.0
+        return
+    attn = layer.self_attn
+    q_rows = attn.q_proj.weight.view(layout.units, layout.head_dim, -1)  # (heads, head_dim, hidden)
+    q_rows[idx] = 0.0
+    if attn.q_proj.bias is not None:
+        attn.q_proj.bias.view(layout.units, layout.head_dim)[idx] = 0.0
+    attn.o_proj.weight.view(-1, layout.units, layout.head_dim)[:, idx] = 0.0
+
+
+def _remove_units(state: dict[str, Any], removed: dict[int, tuple[int, ...]], layout: _UnitLayout) -> None:
+    """Cut the removed units' rows and columns out of a state dict, in place."""
+    import torch
+
+    for index, dropped in removed.items():
+        keep = torch.tensor([u for u in range(layout.units) if u not in set(dropped)])  # (units_after,)
+        prefix = f"model.layers.{index}."
+        if layout.target == "mlp":
+            for proj in ("gate_proj", "up_proj"):
+                state[f"{prefix}mlp.{proj}.weight"] = state[f"{prefix}mlp.{proj}.weight"][keep]
+            state[f"{prefix}mlp.down_proj.weight"] = state[f"{prefix}mlp.down_proj.weight"][:, keep]
+            continue
+        head_dim = layout.head_dim
+        rows = (keep[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)  # (kept * head_dim,)
+        state[f"{prefix}self_attn.q_proj.weight"] = state[f"{prefix}self_attn.q_proj.weight"][rows]
+        if f"{prefix}self_attn.q_proj.bias" in state:
+            state[f"{prefix}self_attn.q_proj.bias"] = state[f"{prefix}self_attn.q_proj.bias"][rows]
+        state[f"{prefix}self_attn.o_proj.weight"] = state[f"{prefix}self_attn.o_proj.weight"][:, rows]
+
+
+def _shrunk_config(config: Any, layout: _UnitLayout, units_after: int) -> Any:
+    """A copy of ``config`` with ``units_after`` MLP channels or query heads per layer."""
+    new_config = type(config).from_dict(config.to_dict())
+    if layout.target == "mlp":
+        new_config.intermediate_size = units_after
+    else:
+        new_config.num_attention_heads = units_after
+        new_config.head_dim = layout.head_dim  # keep it explicit: hidden_size // heads no longer gives it
+    return new_config
+
+
 def structured_prune(
     model: Any,
     sparsity: float,
@@ -332,83 +429,29 @@ def structured_prune(
     config = model.config
     layers = _layer_modules(model)
     params_before = sum(int(p.numel()) for p in model.parameters())
+    layout = _unit_layout(config, target)
+    if mode not in ("remove", "mask"):
+        raise ValueError(f"mode must be 'remove' or 'mask', got {mode!r}")
+    per_group = round(sparsity * layout.group)
+    if per_group >= layout.group:
+        raise InvalidModelError(f"pruning {sparsity:.0%} of {target} leaves no unit in a group of {layout.group}")
     removed: dict[int, tuple[int, ...]] = {}
-    if target == "mlp":
-        units = int(config.intermediate_size)
-        group, n_groups = units, 1
-    elif target == "heads":
-        n_head, n_kv = int(config.num_attention_heads), int(config.num_key_value_heads)
-        units, n_groups = n_head, n_kv
-        group = n_head // n_kv
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_head)
-    else:
-        raise ValueError(f"target must be 'heads' or 'mlp', got {target!r}")
-    per_group = round(sparsity * group)
-    if per_group >= group:
-        raise InvalidModelError(f"pruning {sparsity:.0%} of {target} leaves no unit in a group of {group}")
     with torch.no_grad():
         for index, layer in enumerate(layers):
-            if target == "mlp":
-                mlp = layer.mlp
-                score = (  # (intermediate,)
-                    mlp.gate_proj.weight.pow(2).sum(1)
-                    + mlp.up_proj.weight.pow(2).sum(1)
-                    + mlp.down_proj.weight.pow(2).sum(0)
-                ).sqrt()
-            else:
-                attn = layer.self_attn
-                q = attn.q_proj.weight.view(units, head_dim, -1)  # (heads, head_dim, hidden)
-                o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], units, head_dim)  # (hidden, heads, head_dim)
-                score = (q.pow(2).sum((1, 2)) + o.pow(2).sum((0, 2))).sqrt()  # (heads,)
-            drop: list[int] = []
-            for g in range(n_groups):
-                members = score[g * group : (g + 1) * group]  # (group,)
-                lowest = torch.topk(members, per_group, largest=False).indices if per_group else members[:0].long()
-                drop.extend(sorted(int(i) + g * group for i in lowest))
-            removed[index] = tuple(drop)
-            if mode == "mask" and drop:
-                idx = torch.tensor(drop)
-                if target == "mlp":
-                    layer.mlp.gate_proj.weight[idx, :] = 0.0
-                    layer.mlp.up_proj.weight[idx, :] = 0.0
-                    layer.mlp.down_proj.weight[:, idx] = 0.0
-                else:
-                    attn = layer.self_attn
-                    q_rows = attn.q_proj.weight.view(units, head_dim, -1)  # (heads, head_dim, hidden)
-                    q_rows[idx] = 0.0
-                    if attn.q_proj.bias is not None:
-                        attn.q_proj.bias.view(units, head_dim)[idx] = 0.0
-                    attn.o_proj.weight.view(-1, units, head_dim)[:, idx] = 0.0
+            removed[index] = _lowest_per_group(_unit_scores(layer, layout), layout, per_group)
+            if mode == "mask" and removed[index]:
+                _mask_units(layer, layout, removed[index])
             progress(index + 1, len(layers))
+    units = layout.units
     if mode == "mask":
         sparsity_report = measure_sparsity(model)
         return model, StructuredReport(
             target, mode, removed, units, units, params_before, params_before, sparsity_report
         )
-    if mode != "remove":
-        raise ValueError(f"mode must be 'remove' or 'mask', got {mode!r}")
     state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    for index, dropped in removed.items():
-        keep = torch.tensor([u for u in range(units) if u not in set(dropped)])  # (units_after,)
-        prefix = f"model.layers.{index}."
-        if target == "mlp":
-            for proj in ("gate_proj", "up_proj"):
-                state[f"{prefix}mlp.{proj}.weight"] = state[f"{prefix}mlp.{proj}.weight"][keep]
-            state[f"{prefix}mlp.down_proj.weight"] = state[f"{prefix}mlp.down_proj.weight"][:, keep]
-        else:
-            rows = (keep[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)  # (kept * head_dim,)
-            state[f"{prefix}self_attn.q_proj.weight"] = state[f"{prefix}self_attn.q_proj.weight"][rows]
-            if f"{prefix}self_attn.q_proj.bias" in state:
-                state[f"{prefix}self_attn.q_proj.bias"] = state[f"{prefix}self_attn.q_proj.bias"][rows]
-            state[f"{prefix}self_attn.o_proj.weight"] = state[f"{prefix}self_attn.o_proj.weight"][:, rows]
-    new_config = type(config).from_dict(config.to_dict())
-    units_after = units - per_group * n_groups
-    if target == "mlp":
-        new_config.intermediate_size = units_after
-    else:
-        new_config.num_attention_heads = units_after
-        new_config.head_dim = head_dim  # keep it explicit: hidden_size // heads no longer gives it
-    rebuilt = _rebuild(model, new_config, state)
+    _remove_units(state, removed, layout)
+    units_after = units - per_group * layout.n_groups
+    rebuilt = _rebuild(model, _shrunk_config(config, layout, units_after), state)
     params_after = sum(int(p.numel()) for p in rebuilt.parameters())
     return rebuilt, StructuredReport(
         target, mode, removed, units, units_after, params_before, params_after, measure_sparsity(rebuilt)

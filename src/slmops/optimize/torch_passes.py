@@ -13,20 +13,33 @@ pass               formats                what it does
 ``export_gguf``    safetensors → gguf     our HF→GGUF exporter (gemma3, llama, qwen2), F16 or F32
 =================  =====================  ==================================================================
 
-Each safetensors pass writes ``workdir/model`` (config, ``model.safetensors``, and the tokenizer and GGUF metadata
-files of its input) and reports the achieved sparsity per tensor and overall, measured on its output.
+Each safetensors → safetensors pass is a :class:`ModelEditPass`: it loads its input, edits the model in memory and
+writes ``workdir/model`` (config, ``model.safetensors``, and the tokenizer and GGUF metadata files of its input); it
+reports the achieved sparsity per tensor and overall, measured on its output.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from slmops.optimize.passes import Pass, PassParams, PassProgress, PassResult, register_pass
+from slmops.optimize.export_gguf import export_gguf_dir
+from slmops.optimize.gguf_metadata import GGUF_METADATA_FILE, write_gguf_metadata
+from slmops.optimize.hf_load import copy_sidecar_files, load_hf_model, load_hf_model_from_gguf, save_hf_model
+from slmops.optimize.passes import ModelFileFormat, Pass, PassParams, PassProgress, register_pass
+from slmops.optimize.torch_ops import (
+    magnitude_prune,
+    quantize_int8_weight_only,
+    semi_structured_prune,
+    structured_prune,
+)
 
 __all__ = [
+    "EditedModel",
     "ExportGGUF",
     "ExportGGUFParams",
     "HFFromGGUF",
@@ -34,6 +47,7 @@ __all__ = [
     "Int8Params",
     "Int8WeightOnly",
     "MagnitudePrune",
+    "ModelEditPass",
     "PruneParams",
     "SemiStructured",
     "SemiStructuredParams",
@@ -41,15 +55,34 @@ __all__ = [
     "StructuredPrune",
 ]
 
-
-def _output_dir(workdir: Path) -> Path:
-    return workdir / "model"
+E = TypeVar("E", bound=PassParams)
 
 
-def _finish(input_dir: Path, output_dir: Path) -> list[str]:
-    from slmops.optimize.hf_load import copy_sidecar_files
+@dataclass(frozen=True)
+class EditedModel:
+    """What an edit made: the model (the same object or a rebuilt one), its report, and the tensors to store when
+    they are not the model's own state dict (int8 + scales)."""
 
-    return copy_sidecar_files(input_dir, output_dir)
+    model: Any
+    report: dict[str, Any]
+    tensors: dict[str, Any] | None = None
+
+
+class ModelEditPass(Pass[E]):
+    """safetensors → safetensors: load the input model, :meth:`edit` it, save it with its input's sidecar files."""
+
+    input_format: ClassVar[ModelFileFormat] = "safetensors"
+    output_format: ClassVar[ModelFileFormat] = "safetensors"
+
+    @abstractmethod
+    def edit(self, model: Any, params: E, progress: PassProgress) -> EditedModel:
+        """Change ``model`` (a float32 transformers causal LM) as the pass says; no I/O."""
+
+    def apply(self, input_path: Path, params: E, output: Path, progress: PassProgress) -> dict[str, Any]:
+        edited = self.edit(load_hf_model(input_path), params, progress)
+        save_hf_model(edited.model, output, tensors=edited.tensors)
+        copy_sidecar_files(input_path, output)
+        return edited.report
 
 
 class HFFromGGUFParams(PassParams):
@@ -69,24 +102,18 @@ class HFFromGGUF(Pass[HFFromGGUFParams]):
     def variant_label(self, params: HFFromGGUFParams) -> str:
         return "hf"
 
-    def run(self, input_path: Path, params: HFFromGGUFParams, workdir: Path, progress: PassProgress) -> PassResult:
-        from slmops.optimize.hf_load import GGUF_METADATA_FILE, load_hf_model_from_gguf, save_hf_model
-        from slmops.optimize.hf_load import write_gguf_metadata as write_metadata
-
+    def apply(self, input_path: Path, params: HFFromGGUFParams, output: Path, progress: PassProgress) -> dict[str, Any]:
         progress(0, 2)
         model = load_hf_model_from_gguf(input_path)
         progress(1, 2)
-        output = save_hf_model(model, _output_dir(workdir))
-        write_metadata(input_path, output / GGUF_METADATA_FILE)
+        save_hf_model(model, output)
+        write_gguf_metadata(input_path, output / GGUF_METADATA_FILE)
         progress(2, 2)
-        return PassResult(
-            output,
-            {
-                "model_type": str(model.config.model_type),
-                "params": sum(int(p.numel()) for p in model.parameters()),
-                "dtype": "float32",
-            },
-        )
+        return {
+            "model_type": str(model.config.model_type),
+            "params": sum(int(p.numel()) for p in model.parameters()),
+            "dtype": "float32",
+        }
 
 
 class Int8Params(PassParams):
@@ -94,27 +121,16 @@ class Int8Params(PassParams):
 
 
 @register_pass
-class Int8WeightOnly(Pass[Int8Params]):
+class Int8WeightOnly(ModelEditPass[Int8Params]):
     """Per-output-channel symmetric int8 of the decoder projections (embeddings, head and norms stay float32)."""
 
     name = "int8"
-    input_format = "safetensors"
-    output_format = "safetensors"
     params_model = Int8Params
     description = "int8 weight-only, per output channel, symmetric"
 
-    def variant_label(self, params: Int8Params) -> str:
-        return "int8"
-
-    def run(self, input_path: Path, params: Int8Params, workdir: Path, progress: PassProgress) -> PassResult:
-        from slmops.optimize.hf_load import load_hf_model, save_hf_model
-        from slmops.optimize.torch_ops import quantize_int8_weight_only
-
-        model = load_hf_model(input_path)
+    def edit(self, model: Any, params: Int8Params, progress: PassProgress) -> EditedModel:
         report, tensors = quantize_int8_weight_only(model, progress=progress)
-        output = save_hf_model(model, _output_dir(workdir), tensors=tensors)
-        _finish(input_path, output)
-        return PassResult(output, report.to_json())
+        return EditedModel(model, report.to_json(), tensors)
 
 
 class PruneParams(PassParams):
@@ -123,12 +139,10 @@ class PruneParams(PassParams):
 
 
 @register_pass
-class MagnitudePrune(Pass[PruneParams]):
+class MagnitudePrune(ModelEditPass[PruneParams]):
     """Unstructured magnitude pruning of the decoder projections."""
 
     name = "prune"
-    input_format = "safetensors"
-    output_format = "safetensors"
     params_model = PruneParams
     description = "unstructured magnitude pruning (global or per layer)"
 
@@ -136,15 +150,9 @@ class MagnitudePrune(Pass[PruneParams]):
         suffix = "" if params.scope == "global" else "l"
         return f"prune{round(params.sparsity * 100)}{suffix}"
 
-    def run(self, input_path: Path, params: PruneParams, workdir: Path, progress: PassProgress) -> PassResult:
-        from slmops.optimize.hf_load import load_hf_model, save_hf_model
-        from slmops.optimize.torch_ops import magnitude_prune
-
-        model = load_hf_model(input_path)
+    def edit(self, model: Any, params: PruneParams, progress: PassProgress) -> EditedModel:
         report = magnitude_prune(model, params.sparsity, scope=params.scope, progress=progress)
-        output = save_hf_model(model, _output_dir(workdir))
-        _finish(input_path, output)
-        return PassResult(output, {"target_sparsity": params.sparsity, "scope": params.scope, **report.to_json()})
+        return EditedModel(model, {"target_sparsity": params.sparsity, "scope": params.scope, **report.to_json()})
 
 
 class StructuredParams(PassParams):
@@ -154,63 +162,49 @@ class StructuredParams(PassParams):
 
 
 @register_pass
-class StructuredPrune(Pass[StructuredParams]):
+class StructuredPrune(ModelEditPass[StructuredParams]):
     """Structured pruning of attention heads or MLP channels by L2 norm: removed (smaller model) or masked."""
 
     name = "prune_struct"
-    input_format = "safetensors"
-    output_format = "safetensors"
     params_model = StructuredParams
     description = "structured pruning of attention heads or MLP channels (L2 norm)"
 
     def variant_label(self, params: StructuredParams) -> str:
         return f"{params.target}{round(params.sparsity * 100)}{'' if params.mode == 'remove' else 'm'}"
 
-    def run(self, input_path: Path, params: StructuredParams, workdir: Path, progress: PassProgress) -> PassResult:
-        from slmops.optimize.hf_load import load_hf_model, save_hf_model
-        from slmops.optimize.torch_ops import structured_prune
-
-        model = load_hf_model(input_path)
-        model, report = structured_prune(
+    def edit(self, model: Any, params: StructuredParams, progress: PassProgress) -> EditedModel:
+        pruned, report = structured_prune(
             model, params.sparsity, target=params.target, mode=params.mode, progress=progress
         )
-        output = save_hf_model(model, _output_dir(workdir))
-        _finish(input_path, output)
-        return PassResult(output, {"target_sparsity": params.sparsity, **report.to_json()})
+        return EditedModel(pruned, {"target_sparsity": params.sparsity, **report.to_json()})
 
 
 class SemiStructuredParams(PassParams):
     n: int = Field(default=2, gt=0, description="weights kept in each group")
     m: int = Field(default=4, gt=1, description="group size along the input dimension")
 
+    @model_validator(mode="after")
+    def _fewer_kept_than_grouped(self) -> SemiStructuredParams:
+        if self.n >= self.m:
+            raise ValueError(f"sparse_2_4 needs n < m, got n={self.n}, m={self.m}")
+        return self
+
 
 @register_pass
-class SemiStructured(Pass[SemiStructuredParams]):
+class SemiStructured(ModelEditPass[SemiStructuredParams]):
     """N:M semi-structured sparsity (2:4 by default) as masks; CPU kernels for it do not exist, so it is measured
     as a dense model with zeros."""
 
     name = "sparse_2_4"
-    input_format = "safetensors"
-    output_format = "safetensors"
     params_model = SemiStructuredParams
     description = "N:M (2:4) semi-structured sparsity, applied as masks"
 
     def variant_label(self, params: SemiStructuredParams) -> str:
         return f"sparse{params.n}of{params.m}"
 
-    def run(self, input_path: Path, params: SemiStructuredParams, workdir: Path, progress: PassProgress) -> PassResult:
-        from slmops.optimize.hf_load import load_hf_model, save_hf_model
-        from slmops.optimize.torch_ops import semi_structured_prune
-
-        if params.n >= params.m:
-            from slmops.errors import BlueprintError
-
-            raise BlueprintError(f"sparse_2_4 needs n < m, got n={params.n}, m={params.m}")
-        model = load_hf_model(input_path)
+    def edit(self, model: Any, params: SemiStructuredParams, progress: PassProgress) -> EditedModel:
         report = semi_structured_prune(model, n=params.n, m=params.m, progress=progress)
-        output = save_hf_model(model, _output_dir(workdir))
-        _finish(input_path, output)
-        return PassResult(output, {"pattern": f"{params.n}:{params.m}", **report.to_json()})
+        return EditedModel(model, {"pattern": f"{params.n}:{params.m}", **report.to_json()})
 
 
 class ExportGGUFParams(PassParams):
@@ -230,10 +224,5 @@ class ExportGGUF(Pass[ExportGGUFParams]):
     def variant_label(self, params: ExportGGUFParams) -> str:
         return params.file_type.lower()
 
-    def run(self, input_path: Path, params: ExportGGUFParams, workdir: Path, progress: PassProgress) -> PassResult:
-        from slmops.optimize.export_gguf import export_gguf_dir
-
-        output = workdir / f"model-{params.file_type.lower()}.gguf"
-        report = export_gguf_dir(input_path, output, file_type=params.file_type, progress=progress)
-        result: dict[str, Any] = report.to_json()
-        return PassResult(output, result)
+    def apply(self, input_path: Path, params: ExportGGUFParams, output: Path, progress: PassProgress) -> dict[str, Any]:
+        return export_gguf_dir(input_path, output, file_type=params.file_type, progress=progress).to_json()

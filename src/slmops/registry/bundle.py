@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from slmops.core.manifest import SignedManifest, canonical_json
@@ -179,64 +180,108 @@ def _import(
     progress: ProgressFactory | None,
     added_blobs: list[str],
 ) -> BundleContents:
-    if not bundle.is_file():
-        raise BundleError(f"{bundle} is not a file; give the path of a bundle made by `slmops model export`")
-    index: dict[str, Any] | None = None
-    envelopes: dict[str, SignedManifest] = {}
-    keys: dict[str, str] = {}
-    blobs: dict[str, int] = {}
-    try:
-        tar = tarfile.open(bundle, "r:")  # noqa: SIM115 - closed by the `with tar:` below
-    except (tarfile.TarError, OSError) as exc:
-        raise BundleError(
-            f"{bundle} is not an uncompressed tar archive ({exc}); make bundles with `slmops model export`"
-        ) from None
-    with tar:
+    read = _BundleReader(registry, bundle, progress, added_blobs)
+    read.read_all()
+    index = read.checked_index()
+    ordered = [read.envelopes[d] for d in index["manifests"]]
+    trusted, newly_trusted = _signer_keys(registry, read.keys, trust_signers, bundle)
+    for envelope in ordered:
+        _verify_manifest(registry, envelope, read, trusted, bundle)
+    for key_id in newly_trusted:
+        registry.keys.trust(read.keys[key_id], f"{bundle}: keys/{key_id}.pub")
+    added = registry.adopt(ordered, _index_aliases(index))
+    added_blobs.clear()  # registered now: keep them
+    return BundleContents(ordered, len(read.blobs), sum(read.blobs.values()), added, newly_trusted)
+
+
+class _BundleReader:
+    """One pass over a bundle's members: checks each, parses the index, manifests and keys, and streams the blobs
+    into the blob store (which verifies their digests), recording in ``added_blobs`` the ones it added."""
+
+    def __init__(
+        self, registry: Registry, bundle: Path, progress: ProgressFactory | None, added_blobs: list[str]
+    ) -> None:
+        self.registry = registry
+        self.bundle = bundle
+        self.progress = progress
+        self.added_blobs = added_blobs
+        self.index: dict[str, Any] | None = None
+        self.envelopes: dict[str, SignedManifest] = {}
+        self.keys: dict[str, str] = {}
+        self.blobs: dict[str, int] = {}
+
+    def read_all(self) -> None:
+        bundle = self.bundle
+        if not bundle.is_file():
+            raise BundleError(f"{bundle} is not a file; give the path of a bundle made by `slmops model export`")
         try:
-            count = 0
-            for member in tar:
-                count += 1
-                if count > _MAX_MEMBERS:
-                    raise BundleError(f"{bundle} has more than {_MAX_MEMBERS} members; not an slmops bundle")
-                _check_member(member, bundle)
-                if member.isdir():
-                    continue
-                name = member.name
-                if name == _INDEX:
-                    index = _parse_index(_read_small(tar, member), bundle)
-                elif match := _MANIFEST_RE.match(name):
-                    envelope = _parse_envelope(_read_small(tar, member), name, bundle)
-                    if envelope.digest != f"sha256:{match.group(1)}":
-                        raise IntegrityError(
-                            f"{bundle}: {name} holds manifest {envelope.digest}, not the one it is named after"
-                        )
-                    envelopes[envelope.digest] = envelope
-                elif match := _KEY_RE.match(name):
-                    keys[match.group(1)] = _read_small(tar, member).decode("utf-8", errors="replace")
-                elif match := _BLOB_RE.match(name):
-                    digest = f"sha256:{match.group(1)}"
-                    if index is not None and _listed_size(index, digest) != member.size:
-                        raise BundleError(f"{bundle}: blob {name} ({member.size} bytes) is not listed in its index")
-                    existed = registry.blobs.has(digest)
-                    handle = tar.extractfile(member)
-                    if handle is None:
-                        raise BundleError(f"cannot read {name} from {bundle}")
-                    callback = progress(digest[:19], member.size) if progress is not None else None
-                    try:
-                        ref = registry.blobs.put_stream(handle, expected_digest=digest, progress=callback)
-                    except IntegrityError as exc:
-                        raise IntegrityError(f"{bundle}: blob {name} is corrupt or was tampered with: {exc}") from None
-                    if not existed:
-                        added_blobs.append(digest)
-                    blobs[digest] = ref.size
-        except (tarfile.TarError, EOFError) as exc:
-            raise BundleError(f"{bundle} is truncated or corrupt ({exc}); copy it again") from None
-    if index is None:
-        raise BundleError(f"{bundle} has no {_INDEX}; it is not an slmops bundle")
-    order = index["manifests"]
-    missing = [d for d in order if d not in envelopes]
-    if missing or set(envelopes) - set(order):
-        raise BundleError(f"{bundle}: the index and the manifests disagree (missing: {', '.join(missing) or 'none'})")
+            tar = tarfile.open(bundle, "r:")  # noqa: SIM115 - closed by the `with tar:` below
+        except (tarfile.TarError, OSError) as exc:
+            raise BundleError(
+                f"{bundle} is not an uncompressed tar archive ({exc}); make bundles with `slmops model export`"
+            ) from None
+        with tar:
+            try:
+                for count, member in enumerate(tar, start=1):
+                    if count > _MAX_MEMBERS:
+                        raise BundleError(f"{bundle} has more than {_MAX_MEMBERS} members; not an slmops bundle")
+                    _check_member(member, bundle)
+                    if not member.isdir():
+                        self._read_member(tar, member)
+            except (tarfile.TarError, EOFError) as exc:
+                raise BundleError(f"{bundle} is truncated or corrupt ({exc}); copy it again") from None
+
+    def checked_index(self) -> dict[str, Any]:
+        """The index, once it is known to list exactly the manifests the bundle holds."""
+        if self.index is None:
+            raise BundleError(f"{self.bundle} has no {_INDEX}; it is not an slmops bundle")
+        order = self.index["manifests"]
+        missing = [d for d in order if d not in self.envelopes]
+        if missing or set(self.envelopes) - set(order):
+            raise BundleError(
+                f"{self.bundle}: the index and the manifests disagree (missing: {', '.join(missing) or 'none'})"
+            )
+        return self.index
+
+    def _read_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        name = member.name
+        if name == _INDEX:
+            self.index = _parse_index(_read_small(tar, member), self.bundle)
+        elif match := _MANIFEST_RE.match(name):
+            envelope = _parse_envelope(_read_small(tar, member), name, self.bundle)
+            if envelope.digest != f"sha256:{match.group(1)}":
+                raise IntegrityError(
+                    f"{self.bundle}: {name} holds manifest {envelope.digest}, not the one it is named after"
+                )
+            self.envelopes[envelope.digest] = envelope
+        elif match := _KEY_RE.match(name):
+            self.keys[match.group(1)] = _read_small(tar, member).decode("utf-8", errors="replace")
+        elif match := _BLOB_RE.match(name):
+            self._store_blob(tar, member, f"sha256:{match.group(1)}")
+
+    def _store_blob(self, tar: tarfile.TarFile, member: tarfile.TarInfo, digest: str) -> None:
+        bundle, name = self.bundle, member.name
+        if self.index is not None and _listed_size(self.index, digest) != member.size:
+            raise BundleError(f"{bundle}: blob {name} ({member.size} bytes) is not listed in its index")
+        existed = self.registry.blobs.has(digest)
+        handle = tar.extractfile(member)
+        if handle is None:
+            raise BundleError(f"cannot read {name} from {bundle}")
+        callback = self.progress(digest[:19], member.size) if self.progress is not None else None
+        try:
+            ref = self.registry.blobs.put_stream(handle, expected_digest=digest, progress=callback)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{bundle}: blob {name} is corrupt or was tampered with: {exc}") from None
+        if not existed:
+            self.added_blobs.append(digest)
+        self.blobs[digest] = ref.size
+
+
+def _signer_keys(
+    registry: Registry, keys: dict[str, str], trust_signers: bool, bundle: Path
+) -> tuple[dict[str, Ed25519PublicKey], list[str]]:
+    """(the keys to verify with, the bundle's keys to trust once everything verified); every key file must hold
+    the key it is named after."""
     trusted = registry.keys.trusted()
     newly_trusted: list[str] = []
     for key_id, text in keys.items():
@@ -246,45 +291,52 @@ def _import(
         if key_id not in trusted and trust_signers:
             trusted[key_id] = public
             newly_trusted.append(key_id)
-    ordered = [envelopes[d] for d in order]
-    for envelope in ordered:
-        label = f"{envelope.manifest.name}@{envelope.manifest.version}"
-        try:
-            verify_envelope(envelope, trusted)
-        except SignatureError as exc:
-            signers = ", ".join(s.key_id for s in envelope.signatures)
-            if any(k in keys and k not in trusted for k in (s.key_id for s in envelope.signatures)):
-                raise SignatureError(
-                    f"{label} in {bundle} is signed by key {signers}, which this registry does not trust; "
-                    "check the key id with the sender, then re-run with --trust (or `slmops keys trust KEYFILE`)"
-                ) from None
-            raise SignatureError(f"{bundle}: {exc}") from None
-        for entry in envelope.manifest.files:
-            size = blobs.get(entry.digest)
-            if size is None and registry.blobs.has(entry.digest):
-                size = registry.blobs.size(entry.digest)
-            if size is None:
-                raise BundleError(f"{bundle}: {label} file {entry.path} needs blob {entry.digest}, which is missing")
-            if size != entry.size:
-                raise IntegrityError(
-                    f"{bundle}: {label} file {entry.path}: expected {entry.size} bytes, blob has {size} bytes"
-                )
-        for parent in envelope.manifest.lineage.parents:
-            if parent not in envelopes and not registry.has_version(parent):
-                raise BundleError(
-                    f"{bundle}: {label} derives from {parent}, which is neither in the bundle nor in this registry; "
-                    "export with ancestors (the default)"
-                )
-    for key_id in newly_trusted:
-        registry.keys.trust(keys[key_id], f"{bundle}: keys/{key_id}.pub")
-    aliases = {
+    return trusted, newly_trusted
+
+
+def _verify_manifest(
+    registry: Registry,
+    envelope: SignedManifest,
+    read: _BundleReader,
+    trusted: dict[str, Ed25519PublicKey],
+    bundle: Path,
+) -> None:
+    """A trusted signature, every file's blob present with its size, every parent in the bundle or the registry."""
+    label = f"{envelope.manifest.name}@{envelope.manifest.version}"
+    try:
+        verify_envelope(envelope, trusted)
+    except SignatureError as exc:
+        signers = ", ".join(s.key_id for s in envelope.signatures)
+        if any(k in read.keys and k not in trusted for k in (s.key_id for s in envelope.signatures)):
+            raise SignatureError(
+                f"{label} in {bundle} is signed by key {signers}, which this registry does not trust; "
+                "check the key id with the sender, then re-run with --trust (or `slmops keys trust KEYFILE`)"
+            ) from None
+        raise SignatureError(f"{bundle}: {exc}") from None
+    for entry in envelope.manifest.files:
+        size = read.blobs.get(entry.digest)
+        if size is None and registry.blobs.has(entry.digest):
+            size = registry.blobs.size(entry.digest)
+        if size is None:
+            raise BundleError(f"{bundle}: {label} file {entry.path} needs blob {entry.digest}, which is missing")
+        if size != entry.size:
+            raise IntegrityError(
+                f"{bundle}: {label} file {entry.path}: expected {entry.size} bytes, blob has {size} bytes"
+            )
+    for parent in envelope.manifest.lineage.parents:
+        if parent not in read.envelopes and not registry.has_version(parent):
+            raise BundleError(
+                f"{bundle}: {label} derives from {parent}, which is neither in the bundle nor in this registry; "
+                "export with ancestors (the default)"
+            )
+
+
+def _index_aliases(index: dict[str, Any]) -> dict[str, dict[str, str]]:
+    return {
         name: {str(a): str(d) for a, d in mapping.items()}
         for name, mapping in index.get("aliases", {}).items()
         if isinstance(mapping, dict)
     }
-    added = registry.adopt(ordered, aliases)
-    added_blobs.clear()  # registered now: keep them
-    return BundleContents(ordered, len(blobs), sum(blobs.values()), added, newly_trusted)
 
 
 def _listed_size(index: dict[str, Any], digest: str) -> int | None:
