@@ -99,3 +99,10 @@ def test_activation_failures_follow_the_profile_rate() -> None:
 
     assert 300 < failures < 500
     assert not any(runtime.activation_fails(BUILTIN_PROFILES["workstation-16gb"], f"d{i}", digest) for i in range(500))
+
+
+def test_a_fleet_file_over_the_size_limit_is_refused_before_parsing() -> None:
+    text = "devices: [{profile: pi-2gb, count: 1}]\n" + "#" * (1 << 20)
+
+    with pytest.raises(BlueprintError, match=r"fleet.yaml is larger than 1024 KiB; a fleet file is short"):
+        parse_fleet(text, "fleet.yaml")

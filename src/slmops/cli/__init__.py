@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 
-import click
 import typer
 
 from slmops import __version__
@@ -22,7 +21,6 @@ app = typer.Typer(
         "Example: slmops model pull gemma3-270m && slmops model list"
     ),
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -44,13 +42,36 @@ def _root(
 
 
 def _register() -> None:
-    from slmops.cli import agent, demo, keys, model, optimize, rollout, select, serve, server, sim
+    """Add every command group to the root CLI; the one place that knows them all."""
+    from slmops.cli import (
+        agent,
+        blueprint,
+        demo,
+        device,
+        keys,
+        model,
+        optimize,
+        rollout,
+        select,
+        serve,
+        server,
+        sim,
+        telemetry,
+        tokens,
+    )
 
     app.add_typer(model.app, name="model")
     model.app.command("select")(select.select)
     app.add_typer(keys.app, name="keys")
     app.add_typer(optimize.app, name="optimize")
-    server.register(app)  # server, token, enroll-token, device, apply, plan, blueprint
+    app.command("server")(server.server)
+    app.add_typer(tokens.token_app, name="token")
+    app.add_typer(tokens.enroll_token_app, name="enroll-token")
+    app.add_typer(device.app, name="device")
+    app.command("apply")(blueprint.apply)
+    app.command("plan")(blueprint.plan)
+    app.add_typer(blueprint.app, name="blueprint")
+    app.add_typer(telemetry.app, name="telemetry")
     app.add_typer(agent.app, name="agent")
     app.add_typer(rollout.app, name="rollout")
     app.command("serve")(serve.serve)
@@ -74,12 +95,16 @@ def run(argv: list[str] | None = None) -> int:
 
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
+    except typer.TyperException as exc:  # a usage error: an unknown command, a bad option value, a missing argument
+        show = getattr(exc, "show", None)  # typer's (vendored click) errors print the usage and a --help hint
+        if show is not None:
+            show()
+        else:
+            print(f"Error: {exc.format_message()}", file=sys.stderr)
         return exc.exit_code
-    except (click.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         return 130
     except Exception as exc:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -21,7 +22,9 @@ from rich.progress import (
 from slmops.registry.blobstore import Progress as ProgressCallback
 from slmops.registry.service import ProgressFactory
 
-__all__ = ["byte_progress", "console", "err_console", "human_bytes", "print_json"]
+__all__ = ["byte_progress", "console", "err_console", "human_bytes", "print_json", "print_result"]
+
+T = TypeVar("T", bound=BaseModel | Sequence[BaseModel])
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -29,6 +32,16 @@ err_console = Console(stderr=True, highlight=False)
 
 def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def print_result(result: T, json_out: bool, human: Callable[[T], None]) -> None:
+    """With ``--json`` print ``result`` (an API model or a list of them) as JSON, else let ``human`` render it."""
+    if not json_out:
+        human(result)
+    elif isinstance(result, BaseModel):
+        print_json(result.model_dump(mode="json"))
+    else:
+        print_json([item.model_dump(mode="json") for item in result])
 
 
 def human_bytes(count: int | None) -> str:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 from rich.table import Column, Table
 
-from slmops.cli._common import console, print_json
-from slmops.cli.server import JsonOpt, ServerOpt, TokenOpt, client
+from slmops.cli._common import console, print_result
+from slmops.cli._remote import JsonOpt, ServerOpt, TokenOpt, client
+from slmops.control.client import OperatorClient
+from slmops.control.schemas import ApplyResult, BlueprintPublic, PlanPublic
 from slmops.errors import NotFoundError
 
 __all__ = ["app", "apply", "plan"]
@@ -25,42 +29,35 @@ def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def apply(
-    file: Path = FileOpt,
-    server_url: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-    json_out: bool = JsonOpt,
-) -> None:
-    """Create or update a blueprint; a new revision only when it changed (idempotent).
+R = TypeVar("R", ApplyResult, PlanPublic)
 
-    Example: slmops apply -f tills.yaml
-    """
-    with client(server_url, token) as api:
-        result = api.apply(_read(file))
-    if json_out:
-        print_json(result.model_dump(mode="json"))
-        return
+
+def _file_command(
+    send: Callable[[OperatorClient, str], R], human: Callable[[R], None], doc: str
+) -> Callable[..., None]:
+    """A command that reads a blueprint file, sends it to the control plane and prints the answer."""
+
+    def command(
+        file: Path = FileOpt,
+        server_url: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+        json_out: bool = JsonOpt,
+    ) -> None:
+        with client(server_url, token) as api:
+            result = send(api, _read(file))
+        print_result(result, json_out, human)
+
+    command.__doc__ = doc
+    return command
+
+
+def _print_applied(result: ApplyResult) -> None:
     verb = "created" if result.created else "unchanged:"
     console.print(f"blueprint {result.name}@{result.revision} {verb}".replace(" unchanged:", " unchanged"))
-    for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+    _print_warnings(result.warnings)
 
 
-def plan(
-    file: Path = FileOpt,
-    server_url: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-    json_out: bool = JsonOpt,
-) -> None:
-    """Show what applying a blueprint would change on each device, and which blueprint wins where.
-
-    Example: slmops plan -f tills.yaml
-    """
-    with client(server_url, token) as api:
-        result = api.plan(_read(file))
-    if json_out:
-        print_json(result.model_dump(mode="json"))
-        return
+def _print_plan(result: PlanPublic) -> None:
     state = f"would become revision {result.revision}" if result.spec_changed else "unchanged"
     console.print(f"blueprint {result.name}: {state}")
     table = Table(
@@ -79,8 +76,30 @@ def plan(
     console.print(table)
     changes = sum(1 for e in result.entries if e.change != "unchanged")
     console.print(f"{changes} device(s) would change")
-    for warning in result.warnings:
+    _print_warnings(result.warnings)
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+apply = _file_command(
+    OperatorClient.apply,
+    _print_applied,
+    """Create or update a blueprint; a new revision only when it changed (idempotent).
+
+    Example: slmops apply -f tills.yaml
+    """,
+)
+plan = _file_command(
+    OperatorClient.plan,
+    _print_plan,
+    """Show what applying a blueprint would change on each device, and which blueprint wins where.
+
+    Example: slmops plan -f tills.yaml
+    """,
+)
 
 
 @app.command("list")
@@ -91,9 +110,10 @@ def list_(server_url: str | None = ServerOpt, token: str | None = TokenOpt, json
     """
     with client(server_url, token) as api:
         blueprints = api.blueprints()
-    if json_out:
-        print_json([b.model_dump(mode="json") for b in blueprints])
-        return
+    print_result(blueprints, json_out, _print_blueprints)
+
+
+def _print_blueprints(blueprints: list[BlueprintPublic]) -> None:
     table = Table("name", "revision", "priority", "model", "applied", "by")
     for b in blueprints:
         table.add_row(b.name, str(b.revision), str(b.priority), b.model, b.created_at, b.created_by)
@@ -113,10 +133,11 @@ def show(
     Example: slmops blueprint show tills-berlin --revision 2
     """
     with client(server_url, token) as api:
-        blueprint = api.blueprint(name, revision)
-    if json_out:
-        print_json(blueprint.model_dump(mode="json"))
-        return
+        found = api.blueprint(name, revision)
+    print_result(found, json_out, _print_blueprint)
+
+
+def _print_blueprint(blueprint: BlueprintPublic) -> None:
     current = " (current)" if blueprint.current else ""
     console.print(
         f"# {blueprint.name}@{blueprint.revision}{current}, applied {blueprint.created_at} by {blueprint.created_by}"

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,22 @@ def _optimize(step: _Demo, central: Path) -> None:
 
 
 def _fleet(step: _Demo, central: Path) -> None:
+    """A control plane and three real agents: enroll, plan and apply a blueprint, serve, answer a chat request."""
+    url = _start_control_plane(step, central)
+    token, operator = _admin_token(step, central, url)
+    api_ports = _start_agents(step, url, _enrollment_token(step, central, operator))
+
+    def devices() -> list[dict[str, Any]]:
+        return _devices(url, token)
+
+    step.wait("three enrolled devices", lambda: len(devices()) == len(_DEMO_DEVICES), 90)
+    _apply_blueprint(step, central, operator, devices)
+    _chat(step, _DEMO_DEVICES[0][0], api_ports[_DEMO_DEVICES[0][0]])
+    _rollouts(step, central, url, operator, devices)
+
+
+def _start_control_plane(step: _Demo, central: Path) -> str:
+    """Start `slmops server` on a free port, with short controller intervals; its URL once it answers."""
     import httpx
 
     port = _free_port()
@@ -216,27 +233,34 @@ def _fleet(step: _Demo, central: Path) -> None:
             return False
 
     step.wait("the control plane", healthy, 60)
+    return url
+
+
+def _admin_token(step: _Demo, central: Path, url: str) -> tuple[str, dict[str, str]]:
+    """An admin token made on the local database; it and the environment the operator commands then run with."""
     step._show(
         "an admin token for the operator CLI (local, printed once)", central, ("token", "create", "--role", "admin")
     )
-    token = step.capture(central, "token", "create", "--role", "admin", "--name", "demo", "--json")["token"]
+    token: str = step.capture(central, "token", "create", "--role", "admin", "--name", "demo", "--json")["token"]
     console.print("[dim](token kept in SLMOPS_TOKEN for the next steps)[/]")
-    operator = {"SLMOPS_SERVER_URL": url, "SLMOPS_TOKEN": token}
+    return token, {"SLMOPS_SERVER_URL": url, "SLMOPS_TOKEN": token}
+
+
+def _enrollment_token(step: _Demo, central: Path, operator: dict[str, str]) -> str:
+    """An auto-approving enrollment token for the demo devices, labelling each site=demo."""
     step._show(
         "an enrollment token for three devices", central, ("enroll-token", "create", "--uses", "3", "--auto-approve")
     )
-    enroll = step.capture(
+    token: str = step.capture(
         central,
-        "enroll-token",
-        "create",
-        "--uses",
-        "3",
-        "--auto-approve",
-        "--label",
-        "site=demo",
-        "--json",
+        "enroll-token", "create", "--uses", str(len(_DEMO_DEVICES)), "--auto-approve", "--label", "site=demo", "--json",
         env=operator,
-    )["token"]
+    )["token"]  # fmt: skip
+    return token
+
+
+def _start_agents(step: _Demo, url: str, enroll: str) -> dict[str, int]:
+    """One real agent per demo device, each reporting its own RAM; the port of each one's local API."""
     api_ports: dict[str, int] = {}
     for name, gib in _DEMO_DEVICES:
         api_ports[name] = _free_port()
@@ -248,14 +272,22 @@ def _fleet(step: _Demo, central: Path) -> None:
             "--memory-bytes", str(gib * _GIB), "--poll-interval-s", "1", "--probation-s", "5",
             "--api-port", str(api_ports[name]), "--telemetry-window-s", "3",
         )  # fmt: skip
+    return api_ports
 
-    def devices() -> list[dict[str, Any]]:
-        answer = httpx.get(f"{url}/api/v1/devices", headers={"Authorization": f"Bearer {token}"}, timeout=10)
-        answer.raise_for_status()
-        result: list[dict[str, Any]] = answer.json()
-        return result
 
-    step.wait("three enrolled devices", lambda: len(devices()) == len(_DEMO_DEVICES), 90)
+def _devices(url: str, token: str) -> list[dict[str, Any]]:
+    import httpx
+
+    answer = httpx.get(f"{url}/api/v1/devices", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    answer.raise_for_status()
+    result: list[dict[str, Any]] = answer.json()
+    return result
+
+
+def _apply_blueprint(
+    step: _Demo, central: Path, operator: dict[str, str], devices: Callable[[], list[dict[str, Any]]]
+) -> None:
+    """Plan and apply the demo blueprint, then wait until every device serves the variant chosen for it."""
     blueprint = step.workdir / "shop-assistant.yaml"
     blueprint.write_text(_BLUEPRINT)
     console.rule("[bold]the blueprint")
@@ -268,16 +300,20 @@ def _fleet(step: _Demo, central: Path) -> None:
         600,
     )
     step.run("the fleet: what each device runs", central, "device", "list", env=operator)
-    name = _DEMO_DEVICES[0][0]
+
+
+def _chat(step: _Demo, name: str, port: int) -> None:
+    """One chat request to an agent's local OpenAI-compatible API."""
+    import httpx
+
     console.rule(f"[bold]{step.count + 1}. a chat request to the {name} agent's local OpenAI-compatible API")
     step.count += 1
     request = {"messages": [{"role": "user", "content": "Say hello to the shop."}], "max_tokens": 24}
-    console.print(f"[dim]$ curl http://127.0.0.1:{api_ports[name]}/v1/chat/completions -d '{json.dumps(request)}'[/]")
-    answer = httpx.post(f"http://127.0.0.1:{api_ports[name]}/v1/chat/completions", json=request, timeout=120)
+    console.print(f"[dim]$ curl http://127.0.0.1:{port}/v1/chat/completions -d '{json.dumps(request)}'[/]")
+    answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=request, timeout=120)
     answer.raise_for_status()
     body = answer.json()
     console.print_json(data={"model": body["model"], "message": body["choices"][0]["message"], "usage": body["usage"]})
-    _rollouts(step, central, url, operator, devices)
 
 
 _SIM_DEVICES = 200
@@ -313,7 +349,9 @@ gates:
 """
 
 
-def _rollouts(step: _Demo, central: Path, url: str, operator: dict[str, str], devices: Any) -> None:
+def _rollouts(
+    step: _Demo, central: Path, url: str, operator: dict[str, str], devices: Callable[[], list[dict[str, Any]]]
+) -> None:
     """A simulated fleet joins the real agents; a healthy release goes through every stage, then a release that
     regresses one class is halted and rolled back by the controller."""
     versions = step.capture(central, "model", "list", "gemma3-270m", "--json")

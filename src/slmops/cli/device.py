@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import typer
 from rich.table import Column, Table
 
 from slmops.cli._common import console, human_bytes, print_json
-from slmops.cli.server import JsonOpt, ServerOpt, TokenOpt, client, parse_labels
+from slmops.cli._remote import JsonOpt, ServerOpt, TokenOpt, client, list_command, parse_labels
+from slmops.control.client import OperatorClient
 from slmops.control.schemas import DevicePublic
 
 __all__ = ["app"]
@@ -33,23 +36,21 @@ def _table(devices: list[DevicePublic]) -> Table:
     return table
 
 
-@app.command("list")
-def list_(
-    state: str | None = typer.Option(None, "--state", help="Only devices in this state (pending, approved, ...)."),
-    server_url: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-    json_out: bool = JsonOpt,
-) -> None:
-    """List devices: state, class, labels, what each runs, its phase, health, online or offline.
+def _print_table(devices: list[DevicePublic]) -> None:
+    console.print(_table(devices))
+
+
+list_ = app.command("list")(
+    list_command(
+        OperatorClient.devices,
+        _print_table,
+        "Only devices in this state (pending, approved, ...).",
+        """List devices: state, class, labels, what each runs, its phase, health, online or offline.
 
     Example: slmops device list --state pending
-    """
-    with client(server_url, token) as api:
-        devices = api.devices(state)
-    if json_out:
-        print_json([d.model_dump(mode="json") for d in devices])
-        return
-    console.print(_table(devices))
+    """,
+    )
+)
 
 
 @app.command()
@@ -94,19 +95,23 @@ def show(
         console.print(f"  {event.time} {event.kind} {event.version_digest or ''}")
 
 
-@app.command()
-def approve(
-    device_id: str = typer.Argument(..., help="The device id."),
-    server_url: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-) -> None:
-    """Approve a pending device; it claims its credential on its next poll.
+def _transition(name: str, change: Callable[[OperatorClient, str], DevicePublic], summary: str) -> None:
+    """Register ``slmops device NAME DEVICE_ID``: move one device to another state, then print that state."""
 
-    Example: slmops device approve dev-0123456789abcdef
-    """
-    with client(server_url, token) as api:
-        device = api.approve(device_id)
-    console.print(f"device {device.id} is {device.state}")
+    def command(
+        device_id: str = typer.Argument(..., help="The device id."),
+        server_url: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        with client(server_url, token) as api:
+            device = change(api, device_id)
+        console.print(f"device {device.id} is {device.state}")
+
+    command.__doc__ = f"{summary}\n\nExample: slmops device {name} dev-0123456789abcdef"
+    app.command(name)(command)
+
+
+_transition("approve", OperatorClient.approve, "Approve a pending device; it claims its credential on its next poll.")
 
 
 @app.command()
@@ -128,31 +133,9 @@ def label(
     console.print(f"device {device.id} labels: {_labels(device.labels)}")
 
 
-@app.command()
-def revoke(
-    device_id: str = typer.Argument(..., help="The device id."),
-    server_url: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-) -> None:
-    """Revoke a device: its credential stops working at once; it must enroll again with a new key.
-
-    Example: slmops device revoke dev-0123456789abcdef
-    """
-    with client(server_url, token) as api:
-        device = api.revoke(device_id)
-    console.print(f"device {device.id} is {device.state}")
-
-
-@app.command()
-def decommission(
-    device_id: str = typer.Argument(..., help="The device id."),
-    server_url: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-) -> None:
-    """Retire a device for good.
-
-    Example: slmops device decommission dev-0123456789abcdef
-    """
-    with client(server_url, token) as api:
-        device = api.decommission(device_id)
-    console.print(f"device {device.id} is {device.state}")
+_transition(
+    "revoke",
+    OperatorClient.revoke,
+    "Revoke a device: its credential stops working at once; it must enroll again with a new key.",
+)
+_transition("decommission", OperatorClient.decommission, "Retire a device for good.")

@@ -25,8 +25,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from slmops.cli._common import console, err_console, print_json
-from slmops.cli.server import JsonOpt, ServerOpt, TokenOpt, client
+from slmops.cli._common import console, err_console, print_json, print_result
+from slmops.cli._remote import JsonOpt, ServerOpt, TokenOpt, client, list_command
 from slmops.control.client import OperatorClient
 from slmops.control.schemas import ClassProgress, ReleaseEventPublic, ReleasePublic, ReleaseStart
 from slmops.core.rollout import RolloutPolicy
@@ -371,28 +371,26 @@ def start(
     raise typer.Exit(code)
 
 
-@app.command("list")
-def list_(
-    state: str | None = typer.Option(None, "--state", help="Only releases in this state: running, paused, ..."),
-    server_url: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-    json_out: bool = JsonOpt,
-) -> None:
-    """List releases, newest first.
-
-    Example: slmops rollout list --state running
-    """
-    with client(server_url, token) as api:
-        found = api.rollouts(state)
-    if json_out:
-        print_json([r.model_dump(mode="json") for r in found])
-        return
+def _print_releases(releases: list[ReleasePublic]) -> None:
     table = Table("id", "blueprint", "state", "from -> to", "stage", "started", "reason")
-    for r in found:
+    for r in releases:
         stage = f"{r.stage}/{len(r.stages)} ({_pct(r.stages[r.stage - 1])})"
         moving = f"{r.from_version or 'nothing'} -> {r.to_version}"
         table.add_row(r.id, r.blueprint, _state(r.state), moving, stage, r.started_at, r.reason)
     console.print(table)
+
+
+list_ = app.command("list")(
+    list_command(
+        OperatorClient.rollouts,
+        _print_releases,
+        "Only releases in this state: running, paused, ...",
+        """List releases, newest first.
+
+    Example: slmops rollout list --state running
+    """,
+    )
+)
 
 
 @app.command("status")
@@ -459,60 +457,34 @@ def events(
         raise typer.Exit(130) from None
 
 
-def _change(release_id: str, action: str, server_url: str | None, token: str | None, json_out: bool) -> None:
-    with client(server_url, token) as api:
-        calls: dict[str, Callable[[str], ReleasePublic]] = {
-            "pause": api.pause_rollout,
-            "resume": api.resume_rollout,
-            "abort": api.abort_rollout,
-            "promote": api.promote_rollout,
-        }
-        changed = calls[action](release_id)
-    if json_out:
-        print_json(changed.model_dump(mode="json"))
-        return
-    console.print(_summary(changed))
+def _operator_action(name: str, change: Callable[[OperatorClient, str], ReleasePublic], summary: str) -> None:
+    """Register ``slmops rollout NAME RELEASE_ID``: one operator action on a release, then where it is now."""
+
+    def command(
+        release_id: str = IdArg,
+        server_url: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+        json_out: bool = JsonOpt,
+    ) -> None:
+        with client(server_url, token) as api:
+            changed = change(api, release_id)
+        print_result(changed, json_out, lambda release: console.print(_summary(release)))
+
+    command.__doc__ = f"{summary}\n\nExample: slmops rollout {name} rel-3f2a9c81d0"
+    app.command(name)(command)
 
 
-@app.command("pause")
-def pause(
-    release_id: str = IdArg, server_url: str | None = ServerOpt, token: str | None = TokenOpt, json_out: bool = JsonOpt
-) -> None:
-    """Pause a running release: no promotion and no new canaries (a critical gate failure still halts it).
-
-    Example: slmops rollout pause rel-3f2a9c81d0
-    """
-    _change(release_id, "pause", server_url, token, json_out)
-
-
-@app.command("resume")
-def resume(
-    release_id: str = IdArg, server_url: str | None = ServerOpt, token: str | None = TokenOpt, json_out: bool = JsonOpt
-) -> None:
-    """Resume a paused release.
-
-    Example: slmops rollout resume rel-3f2a9c81d0
-    """
-    _change(release_id, "resume", server_url, token, json_out)
-
-
-@app.command("abort")
-def abort(
-    release_id: str = IdArg, server_url: str | None = ServerOpt, token: str | None = TokenOpt, json_out: bool = JsonOpt
-) -> None:
-    """Abort a release: every device returns to the previous version.
-
-    Example: slmops rollout abort rel-3f2a9c81d0
-    """
-    _change(release_id, "abort", server_url, token, json_out)
-
-
-@app.command("promote")
-def promote(
-    release_id: str = IdArg, server_url: str | None = ServerOpt, token: str | None = TokenOpt, json_out: bool = JsonOpt
-) -> None:
-    """Promote now: the next stage (or completion from the last) without waiting for soak time or gates.
-
-    Example: slmops rollout promote rel-3f2a9c81d0
-    """
-    _change(release_id, "promote", server_url, token, json_out)
+_operator_action(
+    "pause",
+    OperatorClient.pause_rollout,
+    "Pause a running release: no promotion and no new canaries (a critical gate failure still halts it).",
+)
+_operator_action("resume", OperatorClient.resume_rollout, "Resume a paused release.")
+_operator_action(
+    "abort", OperatorClient.abort_rollout, "Abort a release: every device returns to the previous version."
+)
+_operator_action(
+    "promote",
+    OperatorClient.promote_rollout,
+    "Promote now: the next stage (or completion from the last) without waiting for soak time or gates.",
+)

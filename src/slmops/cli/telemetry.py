@@ -6,7 +6,7 @@ import typer
 from rich.table import Column, Table
 
 from slmops.cli._common import console, print_json
-from slmops.cli.server import JsonOpt, ServerOpt, TokenOpt, client
+from slmops.cli._remote import JsonOpt, ServerOpt, TokenOpt, client
 from slmops.core.wire import Histogram
 from slmops.telemetry.aggregate import histogram_samples
 from slmops.telemetry.schemas import TelemetryRollup

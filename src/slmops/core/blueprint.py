@@ -57,6 +57,8 @@ __all__ = [
     "Selector",
     "VariantSpec",
     "blueprint_from_value",
+    "invalid_document",
+    "load_yaml_document",
     "parse_blueprint",
     "precedence",
 ]
@@ -224,14 +226,32 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out or "<document>"
 
 
-def parse_blueprint(text: str, source: str = "blueprint") -> Blueprint:
-    """Parse YAML (or JSON) text into a :class:`Blueprint`; errors name the field path."""
-    if len(text.encode("utf-8", errors="replace")) > MAX_BLUEPRINT_BYTES:
-        raise BlueprintError(f"{source} is larger than {MAX_BLUEPRINT_BYTES // 1024} KiB; a blueprint is a short file")
+def load_yaml_document(text: str, source: str, max_bytes: int, too_large: str) -> Any:
+    """The value of a short YAML (or JSON) document; :class:`BlueprintError` when it is longer or not YAML.
+
+    ``too_large`` ends the message of the size error, e.g. "a blueprint is a short file".
+    """
+    if len(text.encode("utf-8", errors="replace")) > max_bytes:
+        raise BlueprintError(f"{source} is larger than {max_bytes // 1024} KiB; {too_large}")
     try:
-        value = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise BlueprintError(f"{source} is not valid YAML: {exc}") from None
+
+
+def invalid_document(source: str, what: str, exc: ValidationError) -> BlueprintError:
+    """The error for a document that failed validation: its first five problems, each with its field path."""
+    problems = []
+    for error in exc.errors()[:5]:
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{_path(tuple(error['loc']))}: {message}")
+    more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+    return BlueprintError(f"{source} is not a valid {what}: " + "; ".join(problems) + more)
+
+
+def parse_blueprint(text: str, source: str = "blueprint") -> Blueprint:
+    """Parse YAML (or JSON) text into a :class:`Blueprint`; errors name the field path."""
+    value = load_yaml_document(text, source, MAX_BLUEPRINT_BYTES, "a blueprint is a short file")
     return blueprint_from_value(value, source)
 
 
@@ -247,9 +267,4 @@ def blueprint_from_value(value: Any, source: str = "blueprint") -> Blueprint:
     try:
         return Blueprint.model_validate(value)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors()[:5]:
-            message = str(error["msg"]).removeprefix("Value error, ")
-            problems.append(f"{_path(tuple(error['loc']))}: {message}")
-        more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
-        raise BlueprintError(f"{source} is not a valid blueprint: " + "; ".join(problems) + more) from None
+        raise invalid_document(source, "blueprint", exc) from None

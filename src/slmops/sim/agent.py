@@ -25,6 +25,7 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -177,20 +178,14 @@ class SimAgent:
             labels=self.labels,
             hostname=self.name,
         )
-        answer = await self._enroll_once(client, "enroll", request.model_dump(mode="json"), stop)
+        answer = await self._enroll_once(client, "enroll", lambda: request.model_dump(mode="json"), stop)
         if answer is None:
             return False
         self.device_id = answer.device_id
         while answer.credential is None:
             if await sleep_unless_stopped(stop, self._jittered()):
                 return False
-            now = int(time.time())
-            claim = ClaimRequest(
-                device_id=answer.device_id,
-                timestamp=now,
-                signature=_b64(self.key.sign(claim_message(answer.device_id, now))),
-            )
-            claimed = await self._enroll_once(client, "claim", claim.model_dump(mode="json"), stop, "/enroll/claim")
+            claimed = await self._enroll_once(client, "claim", self._signed_claim, stop, "/enroll/claim")
             if claimed is None:
                 return False
             answer = claimed
@@ -199,12 +194,24 @@ class SimAgent:
         self.phase = "idle"
         return True
 
+    def _signed_claim(self) -> dict[str, Any]:
+        """A claim signed now: the server accepts each signed claim once, so every attempt signs a new one."""
+        assert self.device_id is not None
+        now = int(time.time())
+        signature = _b64(self.key.sign(claim_message(self.device_id, now)))
+        return ClaimRequest(device_id=self.device_id, timestamp=now, signature=signature).model_dump(mode="json")
+
     async def _enroll_once(
-        self, client: httpx.AsyncClient, kind: str, body: dict[str, Any], stop: asyncio.Event, path: str = "/enroll"
+        self,
+        client: httpx.AsyncClient,
+        kind: str,
+        body: Callable[[], dict[str, Any]],
+        stop: asyncio.Event,
+        path: str = "/enroll",
     ) -> EnrollResponse | None:
         while not stop.is_set():
             try:
-                response = await self._request(client, kind, "POST", path, json=body)
+                response = await self._request(client, kind, "POST", path, json=body())
             except UnavailableError:
                 await sleep_unless_stopped(stop, self._jittered())
                 continue

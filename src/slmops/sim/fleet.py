@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from slmops.core.blueprint import invalid_document, load_yaml_document
 from slmops.errors import BlueprintError
 from slmops.sim.profiles import BUILTIN_PROFILES, DeviceProfile
 from slmops.sim.runtime import RuntimeOverride
@@ -90,21 +90,9 @@ class FleetSpec(BaseModel):
         return sum(g.count for g in self.devices)
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<document>"
-
-
 def parse_fleet(text: str, source: str = "fleet") -> FleetSpec:
-    """Parse fleet YAML; errors name the field path and raise :class:`BlueprintError`."""
-    if len(text.encode("utf-8", errors="replace")) > MAX_FLEET_BYTES:
-        raise BlueprintError(f"{source} is larger than {MAX_FLEET_BYTES // 1024} KiB; a fleet file is short")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise BlueprintError(f"{source} is not valid YAML: {exc}") from None
+    """Parse fleet YAML the way blueprints are parsed; errors name the field path and raise :class:`BlueprintError`."""
+    value = load_yaml_document(text, source, MAX_FLEET_BYTES, "a fleet file is short")
     if isinstance(value, list):
         value = {"devices": value}
     if not isinstance(value, dict):
@@ -115,12 +103,7 @@ def parse_fleet(text: str, source: str = "fleet") -> FleetSpec:
     try:
         return FleetSpec.model_validate(value)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors()[:5]:
-            message = str(error["msg"]).removeprefix("Value error, ")
-            problems.append(f"{_path(tuple(error['loc']))}: {message}")
-        more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
-        raise BlueprintError(f"{source} is not a valid fleet: " + "; ".join(problems) + more) from None
+        raise invalid_document(source, "fleet", exc) from None
 
 
 def load_fleet(path: Path) -> FleetSpec:
