@@ -1,4 +1,5 @@
-"""Telemetry: aggregates per time window and model version, never prompt or completion text."""
+"""Telemetry: aggregates per time window and model version, never prompt or completion text; drift, alerts and
+their webhooks, and the cost report built on them."""
 
 from __future__ import annotations
 
@@ -15,17 +16,55 @@ from slmops.telemetry.aggregate import (
     window_id,
     windows_from_stats,
 )
+from slmops.telemetry.alert_rules import AlertConfig, load_alert_config
+from slmops.telemetry.alerts import AlertState, Facts, Transition
+from slmops.telemetry.cost import CostReport, PriceTable, cost_report, example_price_table, load_price_table
+from slmops.telemetry.drift import (
+    DriftConfig,
+    DriftPoint,
+    DriftReport,
+    DriftSummary,
+    DriftVerdict,
+    ReferenceSpec,
+    RequestSummary,
+    ShiftEstimate,
+    drift_report,
+    drift_series,
+)
+from slmops.telemetry.webhooks import WebhookSender, verify_signature
 
 __all__ = [
+    "AlertConfig",
+    "AlertState",
+    "CostReport",
+    "DriftConfig",
+    "DriftPoint",
+    "DriftReport",
+    "DriftSummary",
+    "DriftVerdict",
+    "Facts",
+    "PriceTable",
+    "ReferenceSpec",
+    "RequestSummary",
     "Rollup",
+    "ShiftEstimate",
+    "Transition",
+    "WebhookSender",
     "WindowCounters",
     "bucket_index",
     "build_window",
+    "cost_report",
+    "drift_report",
+    "drift_series",
+    "example_price_table",
     "histogram_from_ms",
     "histogram_samples",
+    "load_alert_config",
+    "load_price_table",
     "merge_histograms",
     "merge_windows",
     "rollup",
+    "verify_signature",
     "window_id",
     "windows_from_stats",
 ]
