@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from slmops.agent.daemon import AgentConfig
+from slmops.agent.config import AgentConfig
 from slmops.agent.download import DownloadConfig
 from slmops.core.manifest import SignedManifest
 from slmops.registry import Registry

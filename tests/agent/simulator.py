@@ -66,6 +66,7 @@ class Device:
     credential: str
     approved: bool
     labels: dict[str, str]
+    last_claim_timestamp: int | None = None  # of the last claim that got the credential, as the control plane keeps
 
 
 @dataclass
@@ -164,7 +165,13 @@ class Simulator:
                 public.verify(base64.b64decode(req.signature), claim_message(req.device_id, req.timestamp))
             except Exception:
                 return JSONResponse({"detail": "bad signature"}, status_code=401)
-            return enroll_response(device, 200 if device.approved else 202)
+            if not device.approved:
+                return enroll_response(device, 202)
+            last = device.last_claim_timestamp
+            if last is not None and req.timestamp <= last:  # replay protection, as the control plane does
+                return JSONResponse({"detail": f"claim not newer than timestamp {last}"}, status_code=409)
+            device.last_claim_timestamp = req.timestamp
+            return enroll_response(device, 200)
 
         @app.get(f"{API_PREFIX}/devices/{{device_id}}/desired")
         async def desired(device_id: str, request: Request) -> Response:

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from slmops.agent.daemon import Agent, AgentConfig, local_status
+from slmops.agent import Agent, AgentConfig, local_status
 from slmops.agent.runtime import LlamaRuntime
 from slmops.agent.state import ProbeRecord
 from slmops.cli import run
+from slmops.core.wire import ClaimRequest
 from slmops.registry import Registry
 from tests.agent.conftest import Models
 from tests.agent.simulator import BlobBehavior, RunningSim, free_port
@@ -68,6 +71,41 @@ def test_a_pending_device_claims_its_credential_once_approved(
     assert [r.status for r in claims] == [202, 200]
     assert (tmp_path / "agent" / "credential").read_text() == sim.sim.devices["dev-1"].credential
     assert len(sim.sim.requests_to("/api/v1/enroll")) == 3  # one enrollment, two claims
+
+
+def test_a_claim_refused_as_not_newer_is_signed_anew_at_the_next_poll_and_the_agent_keeps_running(
+    sim: RunningSim, models: Models, agent_config: Callable[..., AgentConfig]
+) -> None:
+    port = free_port()
+    sim.sim.set_desired(models.v1, port)
+    sim.sim.auto_approve = False
+    second = 1_700_000_000
+
+    def refused() -> int:
+        return sum(r.status == 409 for r in sim.sim.requests_to("/enroll/claim"))
+
+    stop = threading.Event()
+    with Agent(agent_config(), clock=lambda: second + 0.5 + refused()) as agent:  # the clock moves after a 409
+        assert agent.enroll() is False
+        device = sim.sim.devices["dev-1"]
+        device.approved = True
+        device.last_claim_timestamp = second  # a claim signed in this second got the credential; its answer was lost
+        runner = threading.Thread(target=agent.run, kwargs={"stop": stop})
+        runner.start()
+        try:
+            deadline = time.monotonic() + 60
+            while agent.slots.current() != models.v1.digest and runner.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert runner.is_alive()
+            assert agent.enrolled() and _served_model(port) == "tiny@v1"
+        finally:
+            stop.set()
+            runner.join(timeout=30)
+
+    claims = sim.sim.requests_to("/enroll/claim")
+    assert [r.status for r in claims] == [409, 200]
+    assert [ClaimRequest.model_validate_json(r.body).timestamp for r in claims] == [second, second + 1]
+    assert (agent.data.root / "credential").read_text() == device.credential
 
 
 def test_a_tampered_blob_is_rejected_and_the_old_model_keeps_serving(

@@ -4,13 +4,14 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from slmops.agent.client import ControlPlaneClient
 from slmops.agent.download import BlobWant, DownloadConfig, Downloader, full_jitter_delay
-from slmops.core.wire import Capabilities, EnrollRequest
-from slmops.errors import IntegrityError, UnavailableError
+from slmops.core.wire import Capabilities, ClaimRequest, EnrollRequest
+from slmops.errors import ConflictError, IntegrityError, UnavailableError
 from slmops.registry.blobstore import DirectoryBlobStore
 from slmops.registry.signing import format_public_key
 from tests.agent.conftest import Models
@@ -148,3 +149,13 @@ def test_full_jitter_stays_within_the_exponential_envelope() -> None:
         cap = min(30.0, 0.5 * 2 ** (attempt - 1))
         assert all(0.0 <= d <= cap for d in delays)
         assert max(delays) > cap * 0.8  # spread over the whole range, not a fixed delay
+
+
+def test_a_409_answer_is_a_conflict_the_caller_can_tell_apart() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(409, json={"detail": "claim not newer than the last accepted one"})
+
+    claim = ClaimRequest(device_id="dev-1", timestamp=1_700_000_000, signature="c2ln")
+    client = ControlPlaneClient("http://cp.test", transport=httpx.MockTransport(refuse))
+    with client, pytest.raises(ConflictError, match=r"\(409\): claim not newer"):
+        client.claim(claim)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from slmops.agent.daemon import PAUSE_ENV
+from slmops.agent import PAUSE_ENV
 from slmops.agent.slots import Slots
 from slmops.core.manifest import SignedManifest
 from slmops.registry.blobstore import DirectoryBlobStore

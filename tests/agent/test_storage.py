@@ -163,6 +163,18 @@ def test_capabilities_are_measured_and_can_be_overridden(tmp_path: Path) -> None
         measure_capabilities(tmp_path, capabilities_file=caps_file)
 
 
+def test_the_capabilities_file_is_read_leniently_as_json_numbers_and_numeric_strings(tmp_path: Path) -> None:
+    caps_file = tmp_path / "caps.json"
+    caps_file.write_text('{"memory_bytes": 8e9, "cpu_cores": "4"}')
+
+    caps = measure_capabilities(tmp_path, capabilities_file=caps_file)
+
+    assert (caps.memory_bytes, caps.cpu_cores) == (8_000_000_000, 4)
+    caps_file.write_text('{"memory_bytes": 8.5e9, "cpu_cores": "four"}')
+    with pytest.raises(ConfigError, match="not valid"):
+        measure_capabilities(tmp_path, capabilities_file=caps_file)
+
+
 def test_agent_help_and_status_need_only_the_core_dependencies(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -93,7 +93,8 @@ def test_enroll_wait_for_approval_then_claim_with_the_device_key(
     forged = api.post("/api/v1/enroll/claim", json=new_device().claim_body(device_id, now))
     stale = api.post("/api/v1/enroll/claim", json=device.claim_body(device_id, now - 3600))
     approved = api.post(f"/api/v1/devices/{device_id}/approve", headers=admin)
-    claimed = api.post("/api/v1/enroll/claim", json=device.claim_body(device_id, now))
+    clock.advance(1)
+    claimed = api.post("/api/v1/enroll/claim", json=device.claim_body(device_id, now + 1))  # newer than the pending one
     credential = bearer(claimed.json()["credential"])
 
     assert pending.status_code == 202 and pending.json()["credential"] is None
@@ -288,14 +289,20 @@ def test_the_openapi_document_declares_auth_and_responses(api: TestClient) -> No
                 assert "401" in operation["responses"], (method, path)
 
 
+def _enroll_pending(api: TestClient, admin: dict[str, str], device: Device) -> str:
+    """Enroll ``device`` with a token that does not auto-approve; its device id."""
+    token = api.post("/api/v1/enrollment-tokens", json={}, headers=admin).json()["token"]
+    device_id: str = api.post("/api/v1/enroll", json=device.enroll_request(token).model_dump(mode="json")).json()[
+        "device_id"
+    ]
+    return device_id
+
+
 def test_a_replayed_claim_is_refused_and_the_device_keeps_its_credential(
     api: TestClient, admin: dict[str, str], new_device: Callable[..., Device], clock: Clock
 ) -> None:
     device = new_device()
-    token = api.post("/api/v1/enrollment-tokens", json={}, headers=admin).json()["token"]
-    device_id = api.post("/api/v1/enroll", json=device.enroll_request(token).model_dump(mode="json")).json()[
-        "device_id"
-    ]
+    device_id = _enroll_pending(api, admin, device)
     api.post(f"/api/v1/devices/{device_id}/approve", headers=admin)
     now = int(clock().timestamp())
     signed = device.claim_body(device_id, now)
@@ -318,6 +325,31 @@ def test_a_replayed_claim_is_refused_and_the_device_keeps_its_credential(
         api.get(f"/api/v1/devices/{device_id}/desired", headers=bearer(fresh.json()["credential"])).status_code == 200
     )
     assert api.get(f"/api/v1/devices/{device_id}/desired", headers=credential).status_code == 401  # replaced
+
+
+def test_a_claim_made_while_pending_cannot_be_replayed_after_approval(
+    api: TestClient, admin: dict[str, str], new_device: Callable[..., Device], clock: Clock
+) -> None:
+    device = new_device()
+    device_id = _enroll_pending(api, admin, device)
+    now = int(clock().timestamp())
+    signed_while_pending = device.claim_body(device_id, now)  # seen on the way by someone else
+    pending = api.post("/api/v1/enroll/claim", json=signed_while_pending)
+    pending_again = api.post("/api/v1/enroll/claim", json=signed_while_pending)  # a pending poll may repeat it
+    older = api.post("/api/v1/enroll/claim", json=device.claim_body(device_id, now - 1))
+    api.post(f"/api/v1/devices/{device_id}/approve", headers=admin)
+
+    replayed = api.post("/api/v1/enroll/claim", json=signed_while_pending)
+    clock.advance(1)
+    fresh = api.post("/api/v1/enroll/claim", json=device.claim_body(device_id, now + 1))
+
+    assert (pending.status_code, pending_again.status_code) == (202, 202)
+    assert older.status_code == 409 and "sign a new claim with the current time" in older.json()["message"].lower()
+    assert replayed.status_code == 409 and replayed.json()["code"] == "conflict"
+    assert "credential" not in replayed.json()
+    assert fresh.status_code == 200 and fresh.json()["credential"].startswith("slmops_dev_")
+    credential = bearer(fresh.json()["credential"])
+    assert api.get(f"/api/v1/devices/{device_id}/desired", headers=credential).status_code == 200
 
 
 def test_the_last_active_admin_token_cannot_be_revoked(api: TestClient, admin: dict[str, str]) -> None:

@@ -117,6 +117,19 @@ def test_operations_document_the_errors_they_answer(document: dict[str, Any]) ->
             assert error_schema(operation, 404) == ERROR_BODY, where
 
 
+# the only operations that change state without ever answering 409
+NEVER_CONFLICT = {("POST", "/api/v1/enrollment-tokens"), ("POST", "/api/v1/blueprints/plan")}
+
+
+def test_every_operation_that_can_conflict_documents_the_409(document: dict[str, Any]) -> None:
+    writes = [(m, p, op) for m, p, op in operations(document) if m == "POST" and (m, p) not in NEVER_CONFLICT]
+
+    assert ("POST", "/api/v1/tokens/{name}/revoke") in {(m, p) for m, p, _ in writes}  # the last admin token: 409
+    assert len(writes) >= 15
+    for method, path, operation in writes:
+        assert error_schema(operation, 409) == ERROR_BODY, f"{method} {path}"
+
+
 def test_a_repeated_query_parameter_is_refused(api: TestClient) -> None:
     answer = api.get("/api/v1/devices?state=pending&state=approved")
 

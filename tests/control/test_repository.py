@@ -223,6 +223,35 @@ def test_a_claim_is_recorded_once_and_only_when_newer(engine: Engine) -> None:
         )
 
 
+def test_a_pending_claim_is_recorded_so_approval_needs_a_newer_one(engine: Engine) -> None:
+    with Session(engine) as session:
+        repo = ControlRepository(session)
+        repo.add_device(_device_row("dev-1", state="pending"))
+        repo.add_device(_device_row("dev-2"))
+        session.commit()
+
+    with Session(engine) as session:
+        repo = ControlRepository(session)
+        first = repo.record_pending_claim("dev-1", 1000)
+        repeated = repo.record_pending_claim("dev-1", 1000)
+        older = repo.record_pending_claim("dev-1", 999)
+        approved_device = repo.record_pending_claim("dev-2", 1000)
+        session.commit()
+        row = repo.device("dev-1")
+        assert row is not None
+        row.state = "approved"
+        session.commit()
+        replayed = repo.record_claim("dev-1", 1000, "a" * 64, "t1")
+        newer = repo.record_claim("dev-1", 1001, "b" * 64, "t2")
+        session.commit()
+        session.refresh(row)
+
+        assert (first, repeated, older, approved_device, replayed, newer) == (True, True, False, False, False, True)
+        assert (row.credential_hash, row.last_claim_timestamp) == ("b" * 64, 1001)
+        other = repo.device("dev-2")
+        assert other is not None and other.last_claim_timestamp is None
+
+
 def test_the_last_active_admin_token_is_never_revoked(engine: Engine) -> None:
     with Session(engine) as session:
         repo = ControlRepository(session)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import httpx
 
-from slmops.agent.daemon import Agent, AgentConfig
+from slmops.agent import Agent, AgentConfig
 from tests.agent.conftest import Models
 from tests.agent.simulator import RunningSim, free_port
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from slmops.agent.daemon import Agent, AgentConfig
+from slmops.agent import Agent, AgentConfig
 from slmops.cli import run
 from slmops.control.app import create_app
 from slmops.control.blueprints import apply_blueprint

@@ -21,11 +21,7 @@ from slmops.core.wire import Capabilities, RuntimeConfig
 from slmops.errors import UnavailableError
 from slmops.registry.blobstore import DirectoryBlobStore
 
-__all__ = ["AgentContext", "short_digest"]
-
-
-def short_digest(digest: str | None) -> str:
-    return (digest or "-").removeprefix("sha256:")[:12]
+__all__ = ["AgentContext"]
 
 
 class AgentContext:

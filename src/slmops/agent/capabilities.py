@@ -90,8 +90,8 @@ def measure_capabilities(
     if cpu_cores is not None:
         values["cpu_cores"] = cpu_cores
     values.update(dict(extra_overrides))
-    try:
-        return Capabilities.model_validate(values)
+    try:  # lax: the operator's JSON file may say 8e9 or "4"; the wire models are strict
+        return Capabilities.model_validate(values, strict=False)
     except ValidationError as exc:
         raise ConfigError(
             f"capability overrides are not valid: {exc.errors()[0]['msg']} ({exc.errors()[0]['loc']})"

@@ -1,7 +1,7 @@
 """The control-plane client of the agent: the wire protocol of :mod:`slmops.core.wire` over httpx.
 
 Tests pass an ``httpx`` transport (``httpx.MockTransport``, or a real server on loopback). Network failures and 5xx
-answers become :class:`~slmops.errors.UnavailableError` (retry later); 401/403/404 become the matching errors.
+answers become :class:`~slmops.errors.UnavailableError` (retry later); 401/403/404/409 become the matching errors.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ from slmops.core.wire import (
     TelemetryAck,
     TelemetryBatch,
 )
-from slmops.errors import AuthenticationError, NotFoundError, PermissionDeniedError, SLMOpsError, UnavailableError
+from slmops.errors import (
+    AuthenticationError,
+    ConflictError,
+    NotFoundError,
+    PermissionDeniedError,
+    SLMOpsError,
+    UnavailableError,
+)
 
 __all__ = ["ControlPlaneClient", "DesiredFetch"]
 
@@ -58,6 +65,8 @@ def _raise_for(response: httpx.Response, what: str) -> None:
         raise PermissionDeniedError(f"the control plane forbids {what} (403){suffix}")
     if code == 404:
         raise NotFoundError(f"the control plane has nothing at {what} (404){suffix}")
+    if code == 409:
+        raise ConflictError(f"the control plane refused {what} as a conflict (409){suffix}")
     if code >= 500 or code in (408, 425, 429):
         raise UnavailableError(f"the control plane failed {what} with HTTP {code}{suffix}; retrying later")
     raise SLMOpsError(f"the control plane rejected {what} with HTTP {code}{suffix}")

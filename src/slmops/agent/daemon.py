@@ -24,11 +24,9 @@ from collections.abc import Callable
 import httpx
 
 from slmops.agent._context import AgentContext
-from slmops.agent._pause import PAUSE_ENV
 from slmops.agent.client import ControlPlaneClient
 from slmops.agent.config import AgentConfig
 from slmops.agent.identity import Identity
-from slmops.agent.local_status import local_status
 from slmops.agent.outbox import TelemetryOutbox
 from slmops.agent.reconcile import Reconciler
 from slmops.agent.reporting import Reporter
@@ -37,9 +35,9 @@ from slmops.agent.state import AgentLock, AgentState, DataDir
 from slmops.agent.switch import SlotSwitch
 from slmops.core.reconcile import Step
 from slmops.core.wire import Capabilities, ClaimRequest, DesiredState, EnrollRequest, EnrollResponse, TelemetryWindow
-from slmops.errors import AuthenticationError, ConfigError, SLMOpsError, UnavailableError
+from slmops.errors import AuthenticationError, ConfigError, ConflictError, SLMOpsError, UnavailableError
 
-__all__ = ["PAUSE_ENV", "Agent", "AgentConfig", "local_status"]
+__all__ = ["Agent"]
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +151,11 @@ class Agent:
         )
 
     def enroll(self) -> bool:
-        """Enroll (once) and claim the credential when approved; returns whether the device is approved now."""
+        """Enroll (once) and claim the credential when approved; returns whether the device is approved now.
+
+        Raises :class:`~slmops.errors.ConflictError` when the control plane refuses the claim as not newer than the
+        last one it accepted (a restart within the same second, a clock stepped back); :meth:`run` claims again at
+        the next poll, signing the new time."""
         client = self._ctx.require_client()
         identity = self.identities.identity()
         if identity is not None and identity.state == "approved" and self.identities.credential():
@@ -207,6 +209,9 @@ class Agent:
                 approved = self.enroll()
             except UnavailableError as exc:
                 log.warning("%s", exc)
+                approved = False
+            except ConflictError as exc:  # a claim not newer than the last accepted one: sign anew at the next poll
+                log.warning("%s; claiming again at the next poll", exc)
                 approved = False
             if approved:
                 self.reconcile_once()

@@ -15,12 +15,12 @@ from __future__ import annotations
 import threading
 import time
 
-from slmops.agent._context import AgentContext, short_digest
+from slmops.agent._context import AgentContext
 from slmops.agent._pause import pause
 from slmops.agent.download import BlobWant, Downloader
 from slmops.agent.switch import SlotSwitch
 from slmops.core.manifest import SignedManifest
-from slmops.core.reconcile import LocalView, Step, plan, target_of
+from slmops.core.reconcile import LocalView, Step, plan, short_digest, target_of
 from slmops.core.wire import AgentPhase
 from slmops.errors import ConfigError, SLMOpsError
 from slmops.registry.signing import verify_envelope

@@ -20,7 +20,7 @@ from slmops.agent._context import AgentContext
 from slmops.agent.outbox import TelemetryOutbox
 from slmops.core.wire import MAX_WINDOWS_PER_BATCH, StatusReport, TelemetryBatch, TelemetryWindow
 from slmops.errors import SLMOpsError, UnavailableError
-from slmops.telemetry import WindowCounters, windows_from_stats
+from slmops.telemetry.aggregate import WindowCounters, windows_from_stats
 
 if TYPE_CHECKING:
     from slmops.runtime.stats import RequestStats

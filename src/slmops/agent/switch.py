@@ -16,11 +16,11 @@ import contextlib
 import json
 from typing import Any
 
-from slmops.agent._context import AgentContext, short_digest
+from slmops.agent._context import AgentContext
 from slmops.agent._files import atomic_write
 from slmops.agent._pause import pause
 from slmops.agent.reporting import Reporter
-from slmops.core.reconcile import Step
+from slmops.core.reconcile import Step, short_digest
 from slmops.errors import SLMOpsError
 
 __all__ = ["SlotSwitch"]

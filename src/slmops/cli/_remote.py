@@ -27,13 +27,13 @@ def client(server: str | None, token: str | None) -> OperatorClient:
 
 
 def parse_labels(items: list[str]) -> dict[str, str]:
-    """``["site=berlin-3", "ring=canary"]`` -> ``{"site": "berlin-3", "ring": "canary"}``."""
+    """``["site=berlin-3", " ring = canary"]`` -> ``{"site": "berlin-3", "ring": "canary"}`` (spaces stripped)."""
     labels: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"label {item!r} must look like KEY=VALUE, e.g. site=berlin-3")
-        labels[key] = value
+        labels[key.strip()] = value.strip()
     return labels
 
 

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from slmops.cli._common import console, print_json
-from slmops.errors import ConfigError
+from slmops.cli._remote import parse_labels
 
 app = typer.Typer(
     help=(
@@ -21,16 +21,6 @@ app = typer.Typer(
     ),
     invoke_without_command=True,
 )
-
-
-def _labels(values: list[str]) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for value in values:
-        key, sep, val = value.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--label must look like key=value, got {value!r}")
-        labels[key.strip()] = val.strip()
-    return labels
 
 
 def _data_dir(value: Path | None) -> Path:
@@ -74,13 +64,14 @@ def agent(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from slmops.agent.daemon import Agent, AgentConfig
+    from slmops.agent.config import AgentConfig
+    from slmops.agent.daemon import Agent
 
     config = AgentConfig(
         data_dir=_data_dir(data_dir),
         server_url=server,
         enroll_token=enroll_token,
-        labels=_labels(label),
+        labels=parse_labels(label),
         poll_interval_s=poll_interval_s,
         probation_s=probation_s,
         health_interval_s=health_interval_s,
@@ -115,7 +106,7 @@ def status(
 
     Example: slmops agent status --json
     """
-    from slmops.agent.daemon import local_status
+    from slmops.agent.local_status import local_status
 
     info = local_status(_data_dir(data_dir))
     if json_out:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -36,7 +37,8 @@ def _registered(ref: str, context: int) -> tuple[Path, ModelInfo]:
         info = ModelInfo.from_manifest(
             manifest, digest=envelope.digest, context_tokens=min(context, trained) if trained else context
         )
-        return registry.blob_path(ggufs[0].digest), info
+        # requests may name the model as it was served (NAME@stable), besides NAME@vN and NAME
+        return registry.blob_path(ggufs[0].digest), replace(info, aliases=(ref,))
     finally:
         registry.close()
 

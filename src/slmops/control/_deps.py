@@ -1,10 +1,12 @@
-"""FastAPI dependencies: the control plane, the caller, role checks, and the documented error responses."""
+"""FastAPI dependencies: the control plane, the caller, role checks, the documented error responses, and the 422
+for a value the schema cannot check."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from slmops.control.auth import Principal, require_role
@@ -13,7 +15,7 @@ from slmops.control.plane import ControlPlane
 from slmops.control.schemas import ErrorBody
 from slmops.errors import AuthenticationError
 
-__all__ = ["ERRORS", "Admin", "Caller", "Operator", "Plane", "Viewer", "errors"]
+__all__ = ["READ", "READ_ONE", "WRITE_ONE", "Admin", "Caller", "Operator", "Plane", "Viewer", "errors", "invalid"]
 
 bearer = HTTPBearer(
     auto_error=False,
@@ -76,4 +78,11 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
-ERRORS = errors(401, 403, 422)
+READ = errors(401, 403, 422)
+READ_ONE = errors(401, 403, 404, 422)
+WRITE_ONE = errors(401, 403, 404, 409, 422)
+
+
+def invalid(loc: tuple[str, ...], message: str) -> RequestValidationError:
+    """A 422 for a value the schema cannot check, answered like FastAPI's own validation errors."""
+    return RequestValidationError([{"loc": loc, "msg": message, "type": "value_error"}])

@@ -21,6 +21,7 @@ from slmops.control.devices import device_facts
 from slmops.control.repository import ControlRepository
 from slmops.control.schemas import ApplyResult, BlueprintPublic, PlanEntry, PlanPublic
 from slmops.core.blueprint import Blueprint, blueprint_from_value, parse_blueprint
+from slmops.core.candidates import version_label
 from slmops.core.desired import AppliedBlueprint, desired_state, ranked_matches
 from slmops.core.manifest import canonical_json
 from slmops.core.wire import DesiredModel, DesiredState
@@ -164,7 +165,7 @@ def _warnings(plane: ControlPlane, blueprint: Blueprint) -> list[str]:
 def _describe(model: DesiredModel | None) -> str | None:
     if model is None:
         return None
-    return f"{model.name}@{model.version}" + (f" ({model.variant})" if model.variant else "")
+    return version_label(model.envelope.manifest)
 
 
 def _change(old: DesiredState, new: DesiredState) -> str:

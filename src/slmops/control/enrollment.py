@@ -3,9 +3,11 @@ credential by signing :func:`~slmops.core.wire.claim_message` with that key.
 
 A token that auto-approves hands out the credential at enrollment; otherwise the device is ``pending`` until an
 operator approves it, and polls ``/enroll/claim``. Every claim that obtains a credential replaces the one before, so
-only the holder of the device key can get one, and a device that lost its credential recovers it. A signed claim is
-accepted once: its timestamp must be newer than the last claim that obtained a credential (kept in the device row),
-so a claim seen on the way cannot be sent again to take the device's credential and lock the device out.
+only the holder of the device key can get one, and a device that lost its credential recovers it. The timestamp of
+every claim whose signature verifies is kept in the device row. While the device is pending a claim may repeat the
+last timestamp; a claim that obtains a credential must be newer than every claim recorded before, so a claim seen on
+the way (also one sent while the device was pending) cannot be sent again to take the device's credential and lock
+the device out.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import binascii
 import logging
 import secrets
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from cryptography.exceptions import InvalidSignature
 from sqlalchemy.orm import Session
@@ -84,6 +86,13 @@ def trusted_keys(plane: ControlPlane) -> list[str]:
     return [format_public_key(key).strip() for _, key in sorted(plane.registry.keys.trusted().items())]
 
 
+class _Admitted(NamedTuple):
+    device_id: str
+    credential: str | None
+    approved: bool
+    new_class: str | None  # the class of a device enrolled now; None when it had enrolled before
+
+
 def enroll_device(plane: ControlPlane, request: EnrollRequest) -> EnrollResponse:
     """Admit a device: pending, or approved with a credential when the token auto-approves.
 
@@ -93,11 +102,11 @@ def enroll_device(plane: ControlPlane, request: EnrollRequest) -> EnrollResponse
     public_key = format_public_key(parse_public_key(request.public_key, "the device public key")).strip()
     token_hash = hash_secret(request.token)
 
-    def work(session: Session) -> tuple[EnrollResponse, str | None]:
+    def work(session: Session) -> _Admitted:
         repo = ControlRepository(session)
         existing = repo.device_by_public_key(public_key)
         if existing is not None:
-            return _re_enroll(plane, repo, existing, token_hash), None
+            return _Admitted(existing.id, None, _re_enroll(repo, existing, token_hash), None)
         now = plane.now_iso()
         if not repo.consume_enrollment_token(token_hash, now):
             raise _why_token_refused(repo.enrollment_token_by_hash(token_hash), now)
@@ -118,21 +127,23 @@ def enroll_device(plane: ControlPlane, request: EnrollRequest) -> EnrollResponse
             updated_at=now,
         )
         repo.add_device(device)  # the same key enrolling concurrently fails here: then answered as a re-enrollment
-        return _answer(plane, device.id, credential, approved=credential is not None), device.device_class
+        return _Admitted(device.id, credential, credential is not None, device.device_class)
 
-    answer, enrolled_class = commit_retrying(
+    admitted = commit_retrying(
         plane.engine, work, attempts=2, conflict="this device key is being enrolled concurrently; retry"
     )
-    if enrolled_class is not None:
-        log.info("device %s enrolled (%s, class %s)", answer.device_id, answer.state, enrolled_class)
+    answer = _answer(plane, admitted.device_id, admitted.credential, approved=admitted.approved)  # reads key files
+    if admitted.new_class is not None:
+        log.info("device %s enrolled (%s, class %s)", answer.device_id, answer.state, admitted.new_class)
     return answer
 
 
 def claim_credential(plane: ControlPlane, request: ClaimRequest) -> EnrollResponse:
     """A pending device asks, signing with its key, whether it is approved; if so it gets a fresh credential.
 
-    A claim that obtains a credential is accepted once: a replay of it (or an older claim) is refused with
-    :class:`ConflictError` and changes nothing, so the credential it obtained keeps working.
+    A claim that obtains a credential must be newer than every verified claim before it (also those made while
+    pending): a replay (or an older claim) is refused with :class:`ConflictError` and changes nothing, so the
+    credential obtained before keeps working.
     """
     refused = AuthenticationError("unknown device or bad signature; sign claim_message(device_id, timestamp)")
     max_skew_s = plane.settings.enroll_claim_max_skew_s
@@ -154,16 +165,23 @@ def claim_credential(plane: ControlPlane, request: ClaimRequest) -> EnrollRespon
             raise refused from None
         if device.state in ("revoked", "decommissioned"):
             raise PermissionDeniedError(f"device {device.id} was {device.state}; enroll with a new key")
-        if device.state != "approved":
+        if device.state == "pending" and repo.record_pending_claim(device.id, request.timestamp):
+            session.commit()
             return _answer(plane, device.id, None, approved=False)
+        # approved (perhaps just now), or a pending device's claim older than its last one: refused below
         credential = new_secret(DEVICE_PREFIX)
         if not repo.record_claim(device.id, request.timestamp, hash_secret(credential), plane.now_iso()):
             session.refresh(device)
-            if device.state != "approved":
+            if device.state not in ("pending", "approved"):
                 raise PermissionDeniedError(f"device {device.id} is {device.state}; it cannot claim a credential")
+            if device.state == "pending":
+                raise ConflictError(
+                    f"this claim for device {device.id} (timestamp {request.timestamp}) is older than the last one "
+                    f"recorded (timestamp {device.last_claim_timestamp}); sign a new claim with the current time"
+                )
             raise ConflictError(
                 f"this claim for device {device.id} (timestamp {request.timestamp}) is not newer than the last "
-                f"accepted one (timestamp {device.last_claim_timestamp}): a signed claim is accepted once. Sign a "
+                f"one recorded (timestamp {device.last_claim_timestamp}): a signed claim is accepted once. Sign a "
                 "new claim with the current time; the credential issued before keeps working"
             )
         session.commit()
@@ -171,7 +189,8 @@ def claim_credential(plane: ControlPlane, request: ClaimRequest) -> EnrollRespon
     return _answer(plane, request.device_id, credential, approved=True)
 
 
-def _re_enroll(plane: ControlPlane, repo: ControlRepository, device: DeviceRow, token_hash: str) -> EnrollResponse:
+def _re_enroll(repo: ControlRepository, device: DeviceRow, token_hash: str) -> bool:
+    """Whether the device enrolling again with its key is approved; refused for a bad token or a retired device."""
     token = repo.enrollment_token_by_hash(token_hash)
     if token is None or token.revoked:
         raise AuthenticationError("unknown or revoked enrollment token; ask an operator for a new one")
@@ -179,7 +198,7 @@ def _re_enroll(plane: ControlPlane, repo: ControlRepository, device: DeviceRow, 
         raise PermissionDeniedError(
             f"this key belongs to device {device.id}, which was {device.state}; enroll with a new key"
         )
-    return _answer(plane, device.id, None, approved=device.state == "approved")
+    return device.state == "approved"
 
 
 def _why_token_refused(token: EnrollmentTokenRow | None, now: str) -> Exception:

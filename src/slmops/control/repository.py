@@ -114,7 +114,7 @@ class ControlRepository:
         return self.session.scalar(select(DeviceRow).where(DeviceRow.credential_hash == credential_hash))
 
     def record_claim(self, device_id: str, timestamp: int, credential_hash: str, now: str) -> bool:
-        """Give an approved device a new credential for a claim newer than its last accepted one, atomically: of
+        """Give an approved device a new credential for a claim newer than its last recorded one, atomically: of
         two requests with the same claim at most one gets True."""
         result = self.session.execute(
             update(DeviceRow)
@@ -124,6 +124,21 @@ class ControlRepository:
                 DeviceRow.last_claim_timestamp.is_(None) | (DeviceRow.last_claim_timestamp < timestamp),
             )
             .values(credential_hash=credential_hash, last_claim_timestamp=timestamp, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return getattr(result, "rowcount", 0) == 1
+
+    def record_pending_claim(self, device_id: str, timestamp: int) -> bool:
+        """Remember a pending device's verified claim, so it cannot be replayed once the device is approved: True
+        when the device is still pending and ``timestamp`` is not older than its last recorded claim."""
+        result = self.session.execute(
+            update(DeviceRow)
+            .where(
+                DeviceRow.id == device_id,
+                DeviceRow.state == "pending",
+                DeviceRow.last_claim_timestamp.is_(None) | (DeviceRow.last_claim_timestamp <= timestamp),
+            )
+            .values(last_claim_timestamp=timestamp)
             .execution_options(synchronize_session=False)
         )
         return getattr(result, "rowcount", 0) == 1
@@ -208,8 +223,12 @@ class ControlRepository:
 
     # ------------------------------------------------------------ releases
 
-    def active_releases(self) -> Sequence[ReleaseRow]:
-        return self.session.scalars(select(ReleaseRow).where(ReleaseRow.state.in_(ACTIVE_RELEASE_STATES))).all()
+    def active_releases(self, blueprint: str | None = None) -> Sequence[ReleaseRow]:
+        """The running and paused releases (of one blueprint, if given), oldest first."""
+        query = select(ReleaseRow).where(ReleaseRow.state.in_(ACTIVE_RELEASE_STATES))
+        if blueprint is not None:
+            query = query.where(ReleaseRow.blueprint == blueprint)
+        return self.session.scalars(query.order_by(ReleaseRow.started_at, ReleaseRow.id)).all()
 
     def release_member_ids(self, release_id: str) -> frozenset[str]:
         return frozenset(

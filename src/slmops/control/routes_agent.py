@@ -7,11 +7,10 @@ from pathlib import Path as FilePath
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
-from slmops.control._deps import Caller, Plane, errors
+from slmops.control._deps import Caller, Plane, errors, invalid
 from slmops.control.auth import require_device, require_role
 from slmops.control.desired_state import blob_allowed, desired_state_for
 from slmops.control.devices import report_status
@@ -29,10 +28,6 @@ Digest = Annotated[str, Path(pattern=r"^sha256:[0-9a-f]{64}$")]
 _LABELS = TypeAdapter(Labels)
 
 
-def _invalid(loc: tuple[str, ...], message: str) -> RequestValidationError:
-    return RequestValidationError([{"loc": loc, "msg": message, "type": "value_error"}])
-
-
 @router.post(
     "/enroll",
     response_model=EnrollResponse,
@@ -47,11 +42,11 @@ def enroll(request: EnrollRequest, plane: Plane) -> JSONResponse:
     try:
         _LABELS.validate_python(request.labels)
     except ValidationError as exc:
-        raise _invalid(("body", "labels"), str(exc.errors()[0]["msg"])) from None
+        raise invalid(("body", "labels"), str(exc.errors()[0]["msg"])) from None
     try:
         answer = enroll_device(plane, request)
     except SignatureError as exc:
-        raise _invalid(("body", "public_key"), str(exc)) from None
+        raise invalid(("body", "public_key"), str(exc)) from None
     status = 200 if answer.state == "approved" else 202
     return JSONResponse(answer.model_dump(mode="json"), status_code=status)
 

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query
 
 from slmops.control import blueprints, credentials, devices, enrollment
-from slmops.control._deps import Admin, Operator, Plane, Viewer, errors
+from slmops.control._deps import READ, READ_ONE, WRITE_ONE, Admin, Operator, Plane, Viewer, errors
 from slmops.control.schemas import (
     ApiTokenCreate,
     ApiTokenCreated,
@@ -29,9 +29,6 @@ __all__ = ["router"]
 router = APIRouter()
 DeviceId = Annotated[str, Path(min_length=1, max_length=64)]
 Name = Annotated[str, Path(min_length=1, max_length=64)]
-READ = errors(401, 403, 422)
-READ_ONE = errors(401, 403, 404, 422)
-WRITE_ONE = errors(401, 403, 404, 409, 422)
 
 
 @router.get("/devices", response_model=list[DevicePublic], responses=READ, tags=["devices"])
@@ -84,7 +81,7 @@ def label_device(device_id: DeviceId, update: DeviceLabelsUpdate, _: Operator, p
     "/enrollment-tokens",
     response_model=EnrollmentTokenCreated,
     status_code=201,
-    responses=errors(401, 403, 422),
+    responses=READ,
     tags=["enrollment"],
 )
 def create_enrollment_token(body: EnrollmentTokenCreate, principal: Operator, plane: Plane) -> EnrollmentTokenCreated:
@@ -117,7 +114,7 @@ def list_tokens(_: Admin, plane: Plane) -> list[ApiTokenPublic]:
     return credentials.list_api_tokens(plane)
 
 
-@router.post("/tokens/{name}/revoke", response_model=ApiTokenPublic, responses=READ_ONE, tags=["tokens"])
+@router.post("/tokens/{name}/revoke", response_model=ApiTokenPublic, responses=WRITE_ONE, tags=["tokens"])
 def revoke_token(name: Name, _: Admin, plane: Plane) -> ApiTokenPublic:
     return credentials.revoke_api_token(plane, name)
 

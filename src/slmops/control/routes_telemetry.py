@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
-from fastapi.exceptions import RequestValidationError
 
-from slmops.control._deps import Caller, Plane, Viewer, errors
+from slmops.control._deps import Caller, Plane, Viewer, errors, invalid
 from slmops.control.auth import require_device
 from slmops.control.telemetry import store_telemetry, telemetry_rollup
 from slmops.core.wire import TelemetryAck, TelemetryBatch
@@ -17,10 +16,6 @@ from slmops.telemetry.schemas import TelemetryRollup
 __all__ = ["router"]
 
 router = APIRouter()
-
-
-def _invalid(loc: tuple[str, ...], exc: ConfigError) -> RequestValidationError:
-    return RequestValidationError([{"loc": loc, "msg": exc.message, "type": "value_error"}])
 
 
 DeviceId = Annotated[str, Path(min_length=1, max_length=64)]
@@ -38,7 +33,7 @@ def post_telemetry(device_id: DeviceId, batch: TelemetryBatch, principal: Caller
     try:
         return store_telemetry(plane, device_id, batch)
     except ConfigError as exc:
-        raise _invalid(("body", "windows"), exc) from None
+        raise invalid(("body", "windows"), exc.message) from None
 
 
 @router.get(
@@ -58,4 +53,4 @@ def get_rollup(
     try:
         return telemetry_rollup(plane, version, since, until)
     except ConfigError as exc:
-        raise _invalid(("query",), exc) from None
+        raise invalid(("query",), exc.message) from None

@@ -57,7 +57,7 @@ def store_telemetry(plane: ControlPlane, device_id: str, batch: TelemetryBatch) 
                 )
             )
         )
-        now = iso(plane.clock())
+        now = plane.now_iso()
         for window in batch.windows:
             if window.id in known:
                 continue
@@ -74,9 +74,8 @@ def store_telemetry(plane: ControlPlane, device_id: str, batch: TelemetryBatch) 
                     body=window.model_dump(mode="json"),
                 )
             )
-        return TelemetryAck(
-            accepted_ids=ids
-        )  # the same batch stored concurrently fails the commit: then looked at again
+        # the same batch stored concurrently fails the commit: then looked at again
+        return TelemetryAck(accepted_ids=ids)
 
     return commit_retrying(
         plane.engine, work, attempts=3, conflict="telemetry from this device is being stored concurrently; retry"

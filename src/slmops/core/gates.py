@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Literal
 
-from slmops.errors import ConfigError, MissingExtraError
+from slmops.core._scipy import scipy_stats
+from slmops.errors import ConfigError
 
 __all__ = [
     "Decision",
@@ -114,12 +115,7 @@ class GateResult:
 
 
 def _stats() -> ModuleType:
-    try:
-        from scipy import stats  # type: ignore[import-untyped, unused-ignore]
-    except ImportError as exc:
-        raise MissingExtraError("server", "statistical rollout gates", "scipy") from exc
-    result: ModuleType = stats
-    return result
+    return scipy_stats("statistical rollout gates")
 
 
 def _expect(config: GateConfig, kind: GateKind) -> None:

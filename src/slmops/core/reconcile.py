@@ -1,8 +1,9 @@
 """The edge agent's reconcile plan: what to do next to move this device towards its desired model version.
 
-Pure: no I/O, no clock. The agent (``slmops.agent.daemon``) reads its data directory and the control plane, builds a
-:class:`LocalView`, asks :func:`plan` for the ordered steps, executes the first one, persists the result, and asks
-again. Every step is idempotent, so a plan recomputed after a crash at any point continues where the last one stopped.
+Pure: no I/O, no clock. The agent's :class:`slmops.agent.reconcile.Reconciler` reads its data directory and persisted
+state into a :class:`LocalView`, asks :func:`plan` for the ordered steps, executes the first one, persists the
+result, and asks again. Every step is idempotent, so a plan recomputed after a crash at any point continues where
+the last one stopped.
 
 The life of a version on a device::
 
@@ -32,6 +33,7 @@ __all__ = [
     "Target",
     "is_noop",
     "plan",
+    "short_digest",
     "target_of",
 ]
 
@@ -103,8 +105,9 @@ def is_noop(steps: list[Step]) -> bool:
     return all(step.kind == "noop" for step in steps)
 
 
-def _short(digest: str) -> str:
-    return digest.removeprefix("sha256:")[:12]
+def short_digest(digest: str | None) -> str:
+    """The first 12 hex digits of a ``sha256:`` digest, for messages; ``-`` for none."""
+    return (digest or "-").removeprefix("sha256:")[:12]
 
 
 def plan(target: Target | None, local: LocalView, policy: Policy | None = None) -> list[Step]:
@@ -116,7 +119,8 @@ def plan(target: Target | None, local: LocalView, policy: Policy | None = None) 
         crashes = local.crash_counts.get(active, 0)
         give_up = crashes >= policy.max_crashes
         reason = (
-            f"the agent died while serving {_short(active)} during its probation ({crashes} of {policy.max_crashes})"
+            f"the agent died while serving {short_digest(active)} during its probation "
+            f"({crashes} of {policy.max_crashes})"
         )
         if give_up:
             reason += "; the version is marked failed"
@@ -127,14 +131,14 @@ def plan(target: Target | None, local: LocalView, policy: Policy | None = None) 
         and local.health_failures >= policy.max_health_failures
         and (local.previous is not None or not local.committed)
     ):
-        reason = f"{local.health_failures} consecutive health checks of {_short(active)} failed"
+        reason = f"{local.health_failures} consecutive health checks of {short_digest(active)} failed"
         return [Step("rollback", active, reason, mark_failed=True)]
 
     if target is None:
         return [Step("noop", None, "no model is desired for this device; keeping what is active")]
 
     digest = target.digest
-    name = target.label or _short(digest)
+    name = target.label or short_digest(digest)
     if digest in local.failed:
         return [
             Step(
@@ -162,6 +166,6 @@ def plan(target: Target | None, local: LocalView, policy: Policy | None = None) 
         steps.append(Step("stage", digest, f"stage {name} into its own slot"))
     if digest not in local.probed:
         steps.append(Step("probe", digest, f"health-probe {name} before switching to it"))
-    reason = f"switch from {_short(active)} to {name}" if active else f"start serving {name}"
+    reason = f"switch from {short_digest(active)} to {name}" if active else f"start serving {name}"
     steps.append(Step("activate", digest, reason))
     return steps

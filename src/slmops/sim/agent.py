@@ -33,6 +33,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from slmops import __version__
+from slmops.core.candidates import version_label
 from slmops.core.wire import (
     API_PREFIX,
     MAX_EVENTS_PER_REPORT,
@@ -287,7 +288,7 @@ class SimAgent:
         self.close_window(force=True)  # the window so far belongs to the version that served it
         self.phase = "downloading"
         await asyncio.sleep(manifest.total_size * self.download_time_scale / self.profile.bandwidth_bytes_per_s)
-        label = f"{model.name}@{model.version}" + (f" ({model.variant})" if model.variant else "")
+        label = version_label(manifest)
         attempt = sum(1 for e in self.events if e.version_digest == model.digest)
         if self.runtime.activation_fails(self.profile, self.name, model.digest, attempt):
             self._rollback(model.digest, "activation failed")

@@ -3,6 +3,9 @@ their webhooks, and the cost report built on them."""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from slmops.telemetry.aggregate import (
     Rollup,
     WindowCounters,
@@ -16,22 +19,54 @@ from slmops.telemetry.aggregate import (
     window_id,
     windows_from_stats,
 )
-from slmops.telemetry.alert_rules import AlertConfig, load_alert_config
-from slmops.telemetry.alerts import AlertState, Facts, Transition
-from slmops.telemetry.cost import CostReport, PriceTable, cost_report, example_price_table, load_price_table
-from slmops.telemetry.drift import (
-    DriftConfig,
-    DriftPoint,
-    DriftReport,
-    DriftSummary,
-    DriftVerdict,
-    ReferenceSpec,
-    RequestSummary,
-    ShiftEstimate,
-    drift_report,
-    drift_series,
-)
-from slmops.telemetry.webhooks import WebhookSender, verify_signature
+
+if TYPE_CHECKING:
+    from slmops.telemetry.alert_rules import AlertConfig, load_alert_config
+    from slmops.telemetry.alerts import AlertState, Facts, Transition
+    from slmops.telemetry.cost import CostReport, PriceTable, cost_report, example_price_table, load_price_table
+    from slmops.telemetry.drift import (
+        DriftConfig,
+        DriftPoint,
+        DriftReport,
+        DriftSummary,
+        DriftVerdict,
+        ReferenceSpec,
+        RequestSummary,
+        ShiftEstimate,
+        drift_report,
+        drift_series,
+    )
+    from slmops.telemetry.webhooks import WebhookSender, verify_signature
+
+# Drift, alerts, webhooks and cost are the server's: loaded on first use, so an agent importing the aggregates
+# loads none of them.
+_LAZY = {
+    "slmops.telemetry.alert_rules": ("AlertConfig", "load_alert_config"),
+    "slmops.telemetry.alerts": ("AlertState", "Facts", "Transition"),
+    "slmops.telemetry.cost": ("CostReport", "PriceTable", "cost_report", "example_price_table", "load_price_table"),
+    "slmops.telemetry.drift": (
+        "DriftConfig",
+        "DriftPoint",
+        "DriftReport",
+        "DriftSummary",
+        "DriftVerdict",
+        "ReferenceSpec",
+        "RequestSummary",
+        "ShiftEstimate",
+        "drift_report",
+        "drift_series",
+    ),
+    "slmops.telemetry.webhooks": ("WebhookSender", "verify_signature"),
+}
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'slmops.telemetry' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "AlertConfig",

@@ -5,18 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from types import ModuleType
 
-from slmops.errors import MissingExtraError
+from slmops.core._scipy import scipy_stats
 
 __all__ = ["chi_square_p", "fisher_p"]
 
 
 def _scipy_stats() -> ModuleType:
-    try:
-        from scipy import stats  # type: ignore[import-untyped, unused-ignore]
-    except ImportError as exc:
-        raise MissingExtraError("server", "drift detection", "scipy") from exc
-    result: ModuleType = stats
-    return result
+    return scipy_stats("drift detection")
 
 
 def chi_square_p(reference: Sequence[int], current: Sequence[int]) -> float:

@@ -16,11 +16,11 @@ import socket
 import threading
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from slmops.control.db import ACTIVE_RELEASE_STATES, ReleaseRow
+from slmops.control.db import ACTIVE_RELEASE_STATES
 from slmops.control.lease import acquire_lease, release_lease
+from slmops.control.repository import ControlRepository
 from slmops.control.rollouts._rows import record_event, require_release
 from slmops.control.rollouts.cohort import Winners, sync_members
 from slmops.control.rollouts.evidence import Accumulator, AccumulatorKey, gather_evidence, progress
@@ -59,13 +59,7 @@ class RolloutController:
         if not self.holds_lease:
             return []
         with Session(self.plane.engine) as session:
-            ids = list(
-                session.scalars(
-                    select(ReleaseRow.id)
-                    .where(ReleaseRow.state.in_(ACTIVE_RELEASE_STATES))
-                    .order_by(ReleaseRow.started_at)
-                )
-            )
+            ids = [row.id for row in ControlRepository(session).active_releases()]
         for release_id in ids:
             try:
                 self.step(release_id)

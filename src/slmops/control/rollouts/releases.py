@@ -72,21 +72,18 @@ def _family(plane: ControlPlane, reference: str) -> tuple[str, str, list[str]]:
 def start_release(plane: ControlPlane, request: ReleaseStart, created_by: str) -> ReleasePublic:
     """Start moving a blueprint to a new version; the first stage's canaries are chosen at once."""
     with Session(plane.engine) as session:
-        current = ControlRepository(session).current_blueprint(request.blueprint)
+        repo = ControlRepository(session)
+        current = repo.current_blueprint(request.blueprint)
         if current is None:
             raise NotFoundError(
                 f"no blueprint named '{request.blueprint}'; apply it first (`slmops apply FILE`), then start a release"
             )
         blueprint = blueprint_from_value(json.loads(current.spec), current.name)
-        active = session.scalar(
-            select(ReleaseRow).where(
-                ReleaseRow.blueprint == request.blueprint, ReleaseRow.state.in_(ACTIVE_RELEASE_STATES)
-            )
-        )
-        if active is not None:
+        active = repo.active_releases(request.blueprint)
+        if active:
             raise ConflictError(
-                f"release {active.id} of blueprint '{request.blueprint}' is {active.state}; "
-                f"finish it first (`slmops rollout abort {active.id}` or wait for it)"
+                f"release {active[0].id} of blueprint '{request.blueprint}' is {active[0].state}; "
+                f"finish it first (`slmops rollout abort {active[0].id}` or wait for it)"
             )
     policy = request.policy or blueprint.spec.rollout or RolloutPolicy()
     to_digest, to_label, to_digests = _family(plane, request.to)
