@@ -27,6 +27,7 @@ from slmops.agent._context import AgentContext
 from slmops.agent.client import ControlPlaneClient
 from slmops.agent.config import AgentConfig
 from slmops.agent.identity import Identity
+from slmops.agent.metrics import agent_collector
 from slmops.agent.outbox import TelemetryOutbox
 from slmops.agent.reconcile import Reconciler
 from slmops.agent.reporting import Reporter
@@ -59,6 +60,8 @@ class Agent:
         self.runtime, self.outbox, self.identities = ctx.runtime, ctx.outbox, ctx.identities
         self.cache, self.slots = ctx.cache, ctx.slots
         self.telemetry = TelemetryOutbox(self.data.telemetry_file, config.telemetry)
+        if isinstance(self.runtime, LlamaRuntime):
+            self.runtime.add_metrics_collector(agent_collector(ctx, self.telemetry))
         self.reporter = Reporter(ctx, self.telemetry)
         self.switch = SlotSwitch(ctx, self.reporter)
         self.reconciler = Reconciler(ctx, self.switch)

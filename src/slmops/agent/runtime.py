@@ -7,6 +7,7 @@ instead of killing the agent. Nothing here returns or logs generated text.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -15,6 +16,8 @@ from slmops.core.manifest import SignedManifest
 from slmops.core.wire import RuntimeConfig
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
     from slmops.runtime.host import ModelHost, ModelInfo
     from slmops.runtime.serving import LocalServer
     from slmops.runtime.stats import RequestStats
@@ -51,6 +54,7 @@ class LlamaRuntime:
         self._host: ModelHost | None = None
         self._server: LocalServer | None = None
         self._stats: RequestStats | None = None
+        self._collectors: list[Callable[[], Iterable[Metric]]] = []
 
     @property
     def url(self) -> str | None:
@@ -59,6 +63,10 @@ class LlamaRuntime:
     @property
     def stats(self) -> RequestStats | None:
         return self._stats
+
+    def add_metrics_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        """Serve ``collect()``'s metric families on the local API's ``/metrics`` too (from the next server start)."""
+        self._collectors.append(collect)
 
     def _info(self, envelope: SignedManifest, runtime: RuntimeConfig) -> ModelInfo:
         from slmops.runtime.host import ModelInfo
@@ -84,6 +92,7 @@ class LlamaRuntime:
     def serve(self, model_file: Path, envelope: SignedManifest, runtime: RuntimeConfig) -> None:
         from slmops.runtime.backend import BackendConfig, LlamaCppBackend
         from slmops.runtime.host import ModelHost
+        from slmops.runtime.metrics import ServerMetrics
         from slmops.runtime.server import create_app
         from slmops.runtime.serving import LocalServer
         from slmops.runtime.stats import RequestStats
@@ -100,7 +109,11 @@ class LlamaRuntime:
             self._server.stop()
             self._server = None
         if self._server is None:
-            self._server = LocalServer(create_app(self._host, stats=self._stats), port=runtime.port).start()
+            metrics = ServerMetrics()
+            for collect in self._collectors:
+                metrics.add_collector(collect)
+            app = create_app(self._host, stats=self._stats, metrics=metrics)
+            self._server = LocalServer(app, port=runtime.port).start()
 
     def stop_serving(self) -> None:
         if self._host is not None:

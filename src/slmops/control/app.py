@@ -22,6 +22,7 @@ from starlette.routing import Match
 
 from slmops import __version__
 from slmops.control import rollouts, routes_agent, routes_operator, routes_rollouts, routes_telemetry
+from slmops.control.metrics import install_metrics
 from slmops.control.openapi import install_openapi
 from slmops.control.plane import ControlPlane
 from slmops.control.schemas import ErrorBody, ServerHealth
@@ -184,5 +185,6 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
     app.include_router(routes_operator.router, prefix=API_PREFIX)
     app.include_router(routes_telemetry.router, prefix=API_PREFIX)
     app.include_router(routes_rollouts.router, prefix=API_PREFIX)
+    install_metrics(app, settings.metrics_token, settings.metrics_cache_s)
     install_openapi(app)
     return app

@@ -37,6 +37,8 @@ class ServerSettings(BaseSettings):
     rollout_controller: bool = True  # run the rollout controller loop in this server (one replica holds the lease)
     rollout_tick_s: float = Field(default=5.0, gt=0)  # how often the controller evaluates running releases
     rollout_lease_s: float = Field(default=30.0, gt=0)  # a replica that stops renewing loses the lease after this
+    metrics_token: str | None = None  # a bearer token that may scrape GET /metrics (besides viewer tokens)
+    metrics_cache_s: float = Field(default=5.0, ge=0)  # how long the fleet gauges of /metrics are reused
 
     def registry_settings(self) -> Settings:
         return Settings(home=self.home, database_url=self.database_url)

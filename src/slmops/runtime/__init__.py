@@ -6,6 +6,7 @@ from __future__ import annotations
 from slmops.runtime.backend import Backend, BackendConfig, Completion, LlamaCppBackend, Sampling, TextStream
 from slmops.runtime.chat import render_chat
 from slmops.runtime.host import ModelHost, ModelInfo
+from slmops.runtime.metrics import ServerMetrics
 from slmops.runtime.probe import ProbeConfig, ProbeResult, degenerate_reason, probe_backend, probe_model_file
 from slmops.runtime.server import create_app
 from slmops.runtime.serving import LocalServer
@@ -24,6 +25,7 @@ __all__ = [
     "ProbeResult",
     "RequestStats",
     "Sampling",
+    "ServerMetrics",
     "StatsSnapshot",
     "TextStream",
     "create_app",

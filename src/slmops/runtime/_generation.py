@@ -20,6 +20,7 @@ from slmops.errors import RuntimeBackendError
 from slmops.runtime._openai import ApiError, Done, bad_request
 from slmops.runtime.backend import Backend, Sampling
 from slmops.runtime.host import ModelInfo
+from slmops.runtime.metrics import Operation, ServerMetrics
 from slmops.runtime.stats import RequestStats
 
 __all__ = ["Generation"]
@@ -41,8 +42,12 @@ class Generation:
         backend: Backend,
         info: ModelInfo,
         started: float,
+        metrics: ServerMetrics | None = None,
+        operation: Operation = "chat",
     ) -> None:
         self.executor = executor
+        self.metrics = metrics
+        self.operation: Operation = operation
         self.stats = stats
         self.lease = lease
         self.backend = backend
@@ -69,6 +74,7 @@ class Generation:
         first: float | None = None
         prompt_tokens = completion_tokens = 0
         outcome = "error"
+        error_type = "internal"
         try:
             prompt_tokens = self.backend.count_tokens(prompt)
             if prompt_tokens >= self.info.context_tokens:
@@ -97,6 +103,7 @@ class Generation:
                     put("done", Done(prompt_tokens, completion_tokens, pieces.finish_reason or "stop"))
         except RuntimeBackendError as exc:
             log.warning("generation with model %s failed: %s", model_id, type(exc).__name__)
+            error_type = exc.code
             put("error", ApiError(500, exc.message, "server_error", exc.code))
         except Exception as exc:
             log.error("generation with model %s failed unexpectedly: %s", model_id, type(exc).__name__)
@@ -107,6 +114,22 @@ class Generation:
         finally:
             self.lease.close()
             self._record(outcome, prompt_tokens, completion_tokens, first)
+            self._observe(outcome, error_type, prompt_tokens, completion_tokens, first)
+
+    def _observe(
+        self, outcome: str, error_type: str, prompt_tokens: int, completion_tokens: int, first: float | None
+    ) -> None:
+        if self.metrics is None or outcome == "rejected":
+            return
+        self.metrics.observe(
+            self.operation,
+            self.info.model_id,
+            duration_s=time.monotonic() - self.started,
+            error_type=error_type if outcome == "error" else None,
+            input_tokens=prompt_tokens,
+            output_tokens=completion_tokens,
+            time_to_first_token_s=first - self.started if first is not None and outcome == "ok" else None,
+        )
 
     def _record(self, outcome: str, prompt_tokens: int, completion_tokens: int, first: float | None) -> None:
         if self.stats is None:

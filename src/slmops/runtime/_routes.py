@@ -42,6 +42,7 @@ from slmops.runtime._openai import (
 from slmops.runtime.backend import Backend
 from slmops.runtime.chat import message_text, render_chat
 from slmops.runtime.host import ModelHost, ModelInfo
+from slmops.runtime.metrics import Operation, ServerMetrics
 from slmops.runtime.stats import RequestStats
 
 __all__ = ["ApiState", "install_error_handlers", "router"]
@@ -56,6 +57,7 @@ class ApiState:
     stats: RequestStats | None
     max_prompt_chars: int
     max_tokens_limit: int
+    metrics: ServerMetrics
 
     def reject(self, error: ApiError) -> Response:
         """The error answer to a request refused before it reached a model (counted as rejected)."""
@@ -92,6 +94,13 @@ async def health(api: Api) -> Any:
     if info is None:
         return JSONResponse({"status": "unavailable", "model": None}, status_code=503)
     return {"status": "ok", "model": info.model_id, "digest": info.digest}
+
+
+@router.get("/metrics", response_model=None, include_in_schema=False)
+async def metrics(api: Api) -> Response:
+    """Prometheus text format, unauthenticated like llama.cpp server's (the API listens on 127.0.0.1 only)."""
+    body, content_type = api.metrics.exposition()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/v1/models", response_model=None)
@@ -154,7 +163,8 @@ async def _generate(
     except ApiError as exc:
         stack.close()
         return api.reject(exc)
-    generation = Generation(api.executor, api.stats, stack, backend, info, started)
+    operation: Operation = "chat" if kind == "chat" else "text_completion"
+    generation = Generation(api.executor, api.stats, stack, backend, info, started, api.metrics, operation)
     generation.start(prompt, sampling)
     return await _respond(generation, body, kind)
 

@@ -1,5 +1,5 @@
 """The device's local OpenAI-compatible API, on 127.0.0.1: ``/v1/models`` (and ``/v1/models/{model}``),
-``/v1/chat/completions``, ``/v1/completions`` (both with ``stream``), ``/health``.
+``/v1/chat/completions``, ``/v1/completions`` (both with ``stream``), ``/health``, ``/metrics``.
 
 This module assembles the app; the routes live in :mod:`slmops.runtime._routes`, the wire format in
 :mod:`slmops.runtime._openai`, the worker-thread generation in :mod:`slmops.runtime._generation`.
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from slmops.errors import MissingExtraError
 from slmops.runtime._openai import ChatRequest, CompletionRequest
 from slmops.runtime.host import ModelHost
+from slmops.runtime.metrics import ServerMetrics
 from slmops.runtime.stats import RequestStats
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ def create_app(
     max_tokens_limit: int = 2048,
     stats: RequestStats | None = None,
     max_workers: int = 8,
+    metrics: ServerMetrics | None = None,
 ) -> FastAPI:
     """The local OpenAI-compatible API over ``host``'s active model.
 
@@ -44,7 +46,9 @@ def create_app(
     ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request, 404 ``model_not_found`` for a
     model this device does not serve, 503 when no model is active, 500 when the model fails. At most
     ``max_workers`` requests are generating or waiting for their model at once; more wait in a queue. ``stats``
-    (if given) counts requests, tokens and latencies: numbers, never text.
+    (if given) counts requests, tokens and latencies: numbers, never text. ``GET /metrics`` serves ``metrics``
+    (a fresh :class:`~slmops.runtime.metrics.ServerMetrics` when not given) in Prometheus text format; it is left out
+    of the OpenAPI schema and, like llama.cpp server's, not authenticated.
     """
     try:
         from fastapi import FastAPI
@@ -52,6 +56,8 @@ def create_app(
         from slmops.runtime._routes import ApiState, install_error_handlers, router
     except ImportError as exc:
         raise MissingExtraError("server", "the local OpenAI-compatible API", "fastapi") from exc
+    if metrics is None:
+        metrics = ServerMetrics()
 
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="slmops-generate")
 
@@ -63,7 +69,7 @@ def create_app(
             executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="slmops local model API", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.api = ApiState(host, executor, stats, max_prompt_chars, max_tokens_limit)
+    app.state.api = ApiState(host, executor, stats, max_prompt_chars, max_tokens_limit, metrics)
     install_error_handlers(app)
     app.include_router(router)
     return app
