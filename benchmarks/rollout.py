@@ -33,7 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.capacity import REPO, _free_port, _machine, _server, _write_gguf, register_tiny_model
+from benchmarks._report import write_section
+from benchmarks.capacity import _free_port, _machine, _server, _write_gguf, register_tiny_model
 
 __all__ = ["RolloutResult", "markdown", "run_rollout"]
 
@@ -409,18 +410,6 @@ def markdown(result: RolloutResult) -> str:
     return "\n".join(lines)
 
 
-def _write(section: str, name: str = "rollout") -> None:
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    block = f"{begin}\n{section}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--devices", type=int, default=10_000)
@@ -441,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         text = capacity_markdown(measured)
         print(text)
         if args.write:
-            _write(
+            write_section(
                 f"{text}\n\nRun by `python -m benchmarks.rollout --capacity-only --devices {args.devices} --write`.",
                 "capacity",
             )
@@ -463,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     section = markdown(result)
     print(section)
     if args.write:
-        _write(section)
+        write_section(section, "rollout")
     return 0
 
 

@@ -21,6 +21,8 @@ from schemathesis.engine import Status, events, from_schema  # noqa: E402
 from slmops.control.app import create_app  # noqa: E402
 from slmops.control.credentials import create_api_token  # noqa: E402
 from slmops.control.plane import ControlPlane  # noqa: E402
+from slmops.core.wire import TelemetryBatch, TelemetryWindow  # noqa: E402
+from slmops.telemetry.drift import RequestSummary, summarize  # noqa: E402
 from tests.control.conftest import Device, register_variants  # noqa: E402
 
 BLUEPRINT = "apiVersion: slmops/v1\nkind: Blueprint\nmetadata: {name: all}\nspec: {model: {name: tiny, ref: v1}}\n"
@@ -41,6 +43,7 @@ class Fleet:
     enrollment_token: str  # auto-approves, many uses
     release: str
     blob: str
+    device_class: str  # the device's class; it has sent telemetry windows with drift summaries of tiny@v1
 
 
 def _fleet(plane: ControlPlane, tmp_path: Path, new_device: Callable[..., Device]) -> Fleet:
@@ -63,6 +66,21 @@ def _fleet(plane: ControlPlane, tmp_path: Path, new_device: Callable[..., Device
     decommissioned = post("/enroll", new_device().enroll_request(auto).model_dump(mode="json"))
     pending = post("/enroll", new_device().enroll_request(manual).model_dump(mode="json"), 202)
     release = post("/rollouts", {"blueprint": "all", "to": "tiny@v2"}, 201)
+    summary = summarize([RequestSummary(100, 50, prompt_nll=2.5)] * 10)
+    window = TelemetryWindow(
+        id="d1", version_digest=variants.base.digest, window_start="2025-06-01T11:00:00Z", window_s=60, drift=summary
+    )
+    as_device = {"Authorization": f"Bearer {device['credential']}"}
+    posted = api.post(
+        f"/api/v1/devices/{device['device_id']}/telemetry",
+        json=TelemetryBatch(windows=[window]).model_dump(mode="json"),
+        headers=as_device,
+    )
+    assert posted.status_code == 200, posted.text
+    device_class = api.get(f"/api/v1/devices/{device['device_id']}").json()["device_class"]
+    day = {"start": "2025-06-01T00:00:00Z", "end": "2025-06-02T00:00:00Z"}
+    pin = {"version": "tiny@v1", "device_class": device_class, **day}
+    assert api.put("/api/v1/drift/reference", json=pin).status_code == 200  # so DELETE has one to remove
     return Fleet(
         admin=admin,
         device=device["device_id"],
@@ -73,6 +91,7 @@ def _fleet(plane: ControlPlane, tmp_path: Path, new_device: Callable[..., Device
         enrollment_token=auto,
         release=release["id"],
         blob=variants.base.manifest.files[0].digest,
+        device_class=device_class,
     )
 
 
@@ -110,6 +129,9 @@ def _config(fleet: Fleet) -> SchemathesisConfig:
                 "release_id": fleet.release,
                 "digest": fleet.blob,
                 "version": "tiny@v1",
+                "device_class": fleet.device_class,
+                "body.version": "tiny@v1",
+                "body.device_class": fleet.device_class,
                 "body.token": {"dictionary": "enrollment-tokens", "probability": 0.5},
             },
             "operations": [
@@ -124,6 +146,8 @@ def _config(fleet: Fleet) -> SchemathesisConfig:
                 operation("/blueprints/plan", checks={**semantic["checks"], **shadowed["checks"]}),
                 operation("/blobs/{digest}", **ranges),
                 operation("/rollouts", method="POST", **semantic),
+                # a pinned range must hold windows and have start < end: no schema says either
+                operation("/drift/reference", method="PUT", **semantic),
             ],
         }
     )

@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slmops.core.gates import GateConfig, judge_latency
-from slmops.core.wire import LATENCY_BUCKETS_MS, Histogram, TelemetryWindow
+from slmops.core.wire import LATENCY_BUCKETS_MS, NLL_BUCKETS, TOKEN_BUCKETS, DriftSummary, Histogram, TelemetryWindow
 from slmops.errors import ConfigError
+from slmops.runtime.stats import RequestStats
 from slmops.telemetry import (
     WindowCounters,
     bucket_index,
@@ -19,7 +20,9 @@ from slmops.telemetry import (
     merge_windows,
     rollup,
     window_id,
+    windows_from_stats,
 )
+from slmops.telemetry.drift import RequestSummary, summarize
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 DIGEST = "sha256:" + "a" * 64
@@ -104,6 +107,33 @@ def windows(draw: st.DrawFn) -> TelemetryWindow:
         latency_ms=histogram_from_ms(lat),
         ttft_ms=histogram_from_ms(draw(samples_ms)),
         memory_rss_bytes=draw(st.none() | st.integers(0, 10**10)),
+        drift=draw(st.none() | drift_summaries()),
+    )
+
+
+@st.composite
+def drift_summaries(draw: st.DrawFn) -> DriftSummary:
+    requests = st.builds(
+        RequestSummary,
+        prompt_tokens=st.integers(0, 5000),
+        completion_tokens=st.integers(0, 600),
+        finish_reason=st.sampled_from(["stop", "length", "error", "weird"]),
+        prompt_nll=st.none() | st.floats(0, 12, allow_nan=False),
+    )
+    return summarize(draw(st.lists(requests, max_size=20)))
+
+
+def _drift_key(d: DriftSummary | None) -> tuple[object, ...] | None:
+    if d is None:
+        return None
+    return (
+        d.requests,
+        tuple(d.prompt_tokens.counts),
+        tuple(d.completion_tokens.counts),
+        tuple(sorted(d.finish_reasons.items())),
+        d.empty_outputs,
+        tuple(d.prompt_nll.counts),
+        round(d.prompt_nll.sum, 6),
     )
 
 
@@ -126,6 +156,7 @@ def _key(w: TelemetryWindow) -> tuple[object, ...]:
         round(w.ttft_ms.sum, 3),
         tuple(w.per_token_ms.counts),
         w.memory_rss_bytes,
+        _drift_key(w.drift),
     )
 
 
@@ -137,6 +168,58 @@ def test_merge_is_associative_and_commutative(a: TelemetryWindow, b: TelemetryWi
     merged = merge_windows(a, b)
     assert merged.requests == a.requests + b.requests
     assert sum(merged.latency_ms.counts) == sum(a.latency_ms.counts) + sum(b.latency_ms.counts)
+    drifts = [w.drift for w in (a, b) if w.drift is not None]
+    assert (merged.drift is None) == (not drifts)
+    if merged.drift is not None:
+        assert merged.drift.requests == sum(d.requests for d in drifts)
+
+
+def test_a_window_summarizes_its_requests_for_drift() -> None:
+    summaries = [
+        RequestSummary(prompt_tokens=10, completion_tokens=5, finish_reason="stop", prompt_nll=2.6),
+        RequestSummary(prompt_tokens=300, completion_tokens=64, finish_reason="length", prompt_nll=None),
+        RequestSummary(prompt_tokens=3, completion_tokens=0, finish_reason="stop", prompt_nll=7.5),
+        RequestSummary(prompt_tokens=8, completion_tokens=0, finish_reason="error"),
+    ]
+    window = build_window(
+        id="w", version_digest=DIGEST, window_start=T0, window_s=60, requests=4, errors=1, summaries=summaries
+    )
+    drift = window.drift
+    assert drift is not None
+    assert drift.requests == 4 and drift.empty_outputs == 2
+    assert drift.finish_reasons == {"stop": 2, "length": 1, "error": 1}
+    assert drift.prompt_tokens.counts[bucket_index(300, TOKEN_BUCKETS)] == 1
+    assert drift.prompt_tokens.sum == 321 and drift.completion_tokens.sum == 69
+    assert sum(drift.prompt_nll.counts) == 2 and drift.prompt_nll.sum == pytest.approx(10.1)
+    assert drift.prompt_nll.counts[bucket_index(2.6, NLL_BUCKETS)] == 1
+    assert build_window(id="w", version_digest=DIGEST, window_start=T0, window_s=60).drift is None
+
+
+def test_windows_from_runtime_stats_carry_the_drift_summary_per_version() -> None:
+    stats = RequestStats()
+    stats.record("m@1", ok=True, prompt_tokens=12, completion_tokens=4, finish_reason="length", prompt_nll=3.1)
+    stats.record("m@1", ok=False, prompt_tokens=7)
+    stats.record("m@2", ok=True, prompt_tokens=20, completion_tokens=1, empty=True)
+    other = "sha256:" + "b" * 64
+    windows = windows_from_stats(
+        device_key="dev",
+        window_start=T0,
+        window_s=60,
+        models=stats.take().models,
+        digest_of={"m@1": DIGEST, "m@2": other},
+        counters={},
+        serving=DIGEST,
+    )
+    by_digest = {w.version_digest: w.drift for w in windows}
+    first, second = by_digest[DIGEST], by_digest[other]
+    assert first is not None and second is not None
+    assert first.requests == 2 and first.finish_reasons == {"length": 1, "error": 1} and first.empty_outputs == 1
+    assert sum(first.prompt_nll.counts) == 1 and first.prompt_nll.sum == pytest.approx(3.1)
+    assert second.requests == 1 and second.empty_outputs == 1 and second.finish_reasons == {"stop": 1}
+    idle = windows_from_stats(
+        device_key="dev", window_start=T0, window_s=60, models={}, digest_of={}, counters={}, serving=DIGEST
+    )
+    assert [w.drift.requests if w.drift else None for w in idle] == [0]
 
 
 def test_windows_of_different_versions_do_not_merge() -> None:

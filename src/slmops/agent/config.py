@@ -33,3 +33,7 @@ class AgentConfig:
     policy: Policy = field(default_factory=Policy)
     telemetry_window_s: float = 60.0  # one telemetry window per version this long (closed at the next poll after)
     telemetry: TelemetryOutboxConfig = field(default_factory=TelemetryOutboxConfig)
+    # the served model's surprise at the prompts (a drift signal): the fraction of requests scored (0: off) and how
+    # many prompt tokens are scored; each scored request costs about as much as decoding that many more tokens
+    prompt_nll_sample_rate: float = 0.05
+    prompt_nll_max_tokens: int = 32

@@ -56,7 +56,15 @@ class Agent:
         self.data = DataDir(config.data_dir)
         self._transport = transport
         self._lock = AgentLock(self.data.lock_file)
-        self._ctx = ctx = AgentContext(config, self.data, runtime=runtime or LlamaRuntime(), clock=clock)
+        self._ctx = ctx = AgentContext(
+            config,
+            self.data,
+            runtime=runtime
+            or LlamaRuntime(
+                prompt_nll_sample_rate=config.prompt_nll_sample_rate, prompt_nll_max_tokens=config.prompt_nll_max_tokens
+            ),
+            clock=clock,
+        )
         self.runtime, self.outbox, self.identities = ctx.runtime, ctx.outbox, ctx.identities
         self.cache, self.slots = ctx.cache, ctx.slots
         self.telemetry = TelemetryOutbox(self.data.telemetry_file, config.telemetry)

@@ -3,7 +3,10 @@
 A status report goes out when something in it changed, when events wait, or when a heartbeat is due; the events it
 carries leave the outbox only once the server's acknowledgement names them. Telemetry is counted per version in
 windows of ``telemetry_window_s``: the local API's request stats plus the agent's own counters (crashes, restarts,
-rollbacks), buffered on disk and sent in batches whose acknowledged ids alone are dropped. Numbers only, never text.
+rollbacks), buffered on disk and sent in batches whose acknowledged ids alone are dropped. Each window also carries
+the drift summary of the requests it counts (token-count histograms, finish reasons, empty outputs, the prompt NLL
+of the sampled requests; see :mod:`slmops.telemetry.drift`), built from the runtime's per-request numbers. Numbers
+only, never text.
 """
 
 from __future__ import annotations

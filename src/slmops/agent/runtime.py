@@ -48,9 +48,18 @@ def _context_tokens(envelope: SignedManifest, runtime: RuntimeConfig) -> int:
 class LlamaRuntime:
     """llama.cpp behind a :class:`ModelHost` (atomic swaps) and the local OpenAI-compatible API on 127.0.0.1."""
 
-    def __init__(self, *, probe_max_tokens: int = 16, probe_max_latency_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        probe_max_tokens: int = 16,
+        probe_max_latency_s: float = 30.0,
+        prompt_nll_sample_rate: float = 0.05,
+        prompt_nll_max_tokens: int = 32,
+    ) -> None:
         self.probe_max_tokens = probe_max_tokens
         self.probe_max_latency_s = probe_max_latency_s
+        self.prompt_nll_sample_rate = prompt_nll_sample_rate  # see BackendConfig
+        self.prompt_nll_max_tokens = prompt_nll_max_tokens
         self._host: ModelHost | None = None
         self._server: LocalServer | None = None
         self._stats: RequestStats | None = None
@@ -98,9 +107,13 @@ class LlamaRuntime:
         from slmops.runtime.stats import RequestStats
 
         info = self._info(envelope, runtime)
-        backend = LlamaCppBackend.load(
-            model_file, info.model_id, BackendConfig(context_tokens=info.context_tokens, threads=runtime.threads)
+        config = BackendConfig(
+            context_tokens=info.context_tokens,
+            threads=runtime.threads,
+            prompt_nll_sample_rate=self.prompt_nll_sample_rate,
+            prompt_nll_max_tokens=self.prompt_nll_max_tokens,
         )
+        backend = LlamaCppBackend.load(model_file, info.model_id, config)
         if self._host is None:
             self._host = ModelHost()
             self._stats = RequestStats()

@@ -45,9 +45,12 @@ def _register() -> None:
     """Add every command group to the root CLI; the one place that knows them all."""
     from slmops.cli import (
         agent,
+        alerts,
         blueprint,
+        cost,
         demo,
         device,
+        drift,
         keys,
         model,
         optimize,
@@ -72,6 +75,9 @@ def _register() -> None:
     app.command("plan")(blueprint.plan)
     app.add_typer(blueprint.app, name="blueprint")
     app.add_typer(telemetry.app, name="telemetry")
+    app.add_typer(drift.app, name="drift")
+    app.add_typer(alerts.app, name="alerts")
+    app.command("cost")(cost.cost)
     app.add_typer(agent.app, name="agent")
     app.add_typer(rollout.app, name="rollout")
     app.command("serve")(serve.serve)

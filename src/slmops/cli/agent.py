@@ -51,6 +51,13 @@ def agent(
     telemetry_window_s: float = typer.Option(
         60.0, "--telemetry-window-s", help="Seconds per telemetry window sent to the control plane."
     ),
+    prompt_nll_sample_rate: float = typer.Option(
+        0.05,
+        "--prompt-nll-sample-rate",
+        min=0.0,
+        max=1.0,
+        help="Fraction of requests whose prompt the model scores (its surprise, a drift signal); 0 turns it off.",
+    ),
     api_port: int | None = typer.Option(
         None,
         "--api-port",
@@ -80,6 +87,7 @@ def agent(
         capabilities_file=capabilities_file,
         api_port=api_port,
         telemetry_window_s=telemetry_window_s,
+        prompt_nll_sample_rate=prompt_nll_sample_rate,
     )
     stop = threading.Event()
 

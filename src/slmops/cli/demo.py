@@ -17,6 +17,7 @@ from typing import Any
 
 import typer
 
+from slmops.cli import _demo_watch
 from slmops.cli._common import console
 from slmops.errors import ConfigError, SLMOpsError
 
@@ -56,6 +57,7 @@ class _Demo:
         self.workdir = workdir
         self.count = 0
         self.background: dict[str, subprocess.Popen[bytes]] = {}
+        self.dashboard = ""  # where to browse the control plane's dashboard, once it runs
 
     def _env(self, home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {**os.environ, "SLMOPS_HOME": str(home), "COLUMNS": os.environ.get("COLUMNS", "120"), **(extra or {})}
@@ -118,6 +120,9 @@ class _Demo:
 def demo(
     workdir: Path = typer.Option(Path("demo-work"), help="Scratch directory for the demo's registries (recreated)."),
     fleet: bool = typer.Option(True, help="Also run a control plane and three local agents."),
+    keep: bool = typer.Option(
+        False, "--keep", help="Keep the control plane, agents and simulated fleet running afterwards (Ctrl-C stops)."
+    ),
 ) -> None:
     """Run the end-to-end demo on the default model: registry, air-gap bundle, control plane and three agents.
 
@@ -157,6 +162,8 @@ def demo(
         _optimize(step, central)
         if fleet:
             _fleet(step, central)
+            if keep:
+                _stay_up(step)
     finally:
         step.stop_all()
     console.rule("[bold green]demo finished")
@@ -196,8 +203,17 @@ def _optimize(step: _Demo, central: Path) -> None:
 
 
 def _fleet(step: _Demo, central: Path) -> None:
-    """A control plane and three real agents: enroll, plan and apply a blueprint, serve, answer a chat request."""
-    url = _start_control_plane(step, central)
+    """A control plane and three real agents: enroll, plan and apply a blueprint, serve, answer a chat request;
+    then releases, drift, alerts and the cost report."""
+    watch = _demo_watch.prepare(step.workdir)
+    try:
+        url = _start_control_plane(step, central, watch.server_env)
+        _fleet_on(step, central, url, watch)
+    finally:
+        watch.receiver.stop()
+
+
+def _fleet_on(step: _Demo, central: Path, url: str, watch: _demo_watch.Watch) -> None:
     token, operator = _admin_token(step, central, url)
     api_ports = _start_agents(step, url, _enrollment_token(step, central, operator))
 
@@ -207,10 +223,27 @@ def _fleet(step: _Demo, central: Path) -> None:
     step.wait("three enrolled devices", lambda: len(devices()) == len(_DEMO_DEVICES), 90)
     _apply_blueprint(step, central, operator, devices)
     _chat(step, _DEMO_DEVICES[0][0], api_ports[_DEMO_DEVICES[0][0]])
-    _rollouts(step, central, url, operator, devices)
+    if _rollouts(step, central, url, operator, devices):
+        _demo_watch.show_the_way_back(step, central, operator, url, watch)
 
 
-def _start_control_plane(step: _Demo, central: Path) -> str:
+def _stay_up(step: _Demo) -> None:
+    """Keep the background processes running until Ctrl-C (``--keep``)."""
+    console.rule("[bold]still running (--keep)")
+    if step.dashboard:
+        console.print(step.dashboard)
+    console.print("press Ctrl-C to stop the control plane, the agents and the simulated fleet")
+    try:
+        while all(proc.poll() is None for proc in step.background.values()):
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+        return
+    stopped = [name for name, proc in step.background.items() if proc.poll() is not None]
+    raise SLMOpsError(f"{', '.join(stopped)} exited; see the logs in {step.workdir}")
+
+
+def _start_control_plane(step: _Demo, central: Path, extra_env: dict[str, str]) -> str:
     """Start `slmops server` on a free port, with short controller intervals; its URL once it answers."""
     import httpx
 
@@ -223,7 +256,12 @@ def _start_control_plane(step: _Demo, central: Path) -> str:
         "server",
         "--port",
         str(port),
-        env={"SLMOPS_ROLLOUT_TICK_S": "2", "SLMOPS_DESIRED_CACHE_TTL_S": "1", "SLMOPS_DEVICE_OFFLINE_AFTER_S": "30"},
+        env={
+            "SLMOPS_ROLLOUT_TICK_S": "2",
+            "SLMOPS_DESIRED_CACHE_TTL_S": "1",
+            "SLMOPS_DEVICE_OFFLINE_AFTER_S": "30",
+            **extra_env,
+        },
     )
 
     def healthy() -> bool:
@@ -243,6 +281,14 @@ def _admin_token(step: _Demo, central: Path, url: str) -> tuple[str, dict[str, s
     )
     token: str = step.capture(central, "token", "create", "--role", "admin", "--name", "demo", "--json")["token"]
     console.print("[dim](token kept in SLMOPS_TOKEN for the next steps)[/]")
+    token_file = step.workdir / "admin-token.txt"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token + "\n")
+    step.dashboard = (
+        f"[bold]dashboard:[/] {url}/ui  (log in with the token in {os.path.relpath(token_file)}; "
+        "it stays browsable while the demo runs, and afterwards with --keep)"
+    )
+    console.print(step.dashboard)
     return token, {"SLMOPS_SERVER_URL": url, "SLMOPS_TOKEN": token}
 
 
@@ -351,14 +397,14 @@ gates:
 
 def _rollouts(
     step: _Demo, central: Path, url: str, operator: dict[str, str], devices: Callable[[], list[dict[str, Any]]]
-) -> None:
+) -> bool:
     """A simulated fleet joins the real agents; a healthy release goes through every stage, then a release that
-    regresses one class is halted and rolled back by the controller."""
+    regresses one class is halted and rolled back by the controller. False when the variants are missing."""
     versions = step.capture(central, "model", "list", "gemma3-270m", "--json")
     by_variant = {v["variant"]: v for v in versions}
     if "q4_k_m-imat" not in by_variant or "q4_0" not in by_variant:
         console.print("[yellow]the optimized variants are missing; skipping the rollout part of the demo[/]")
-        return
+        return False
     good, bad = by_variant["q4_k_m-imat"], by_variant["q4_0"]
     fleet_file = step.workdir / "sim-fleet.yaml"
     pis, kiosks = _SIM_DEVICES * 3 // 10, _SIM_DEVICES * 3 // 10
@@ -422,3 +468,4 @@ def _rollouts(
     )
     console.print(f"[green]all {total} devices run gemma3-270m@{good['version']} again[/]")
     step.run("the releases", central, "rollout", "list", env=operator)
+    return True

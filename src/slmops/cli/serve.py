@@ -72,8 +72,11 @@ def serve(
         info = ModelInfo.from_gguf(path, context_tokens=min(context, trained) if trained else context)
     else:
         path, info = _registered(model, context)
+    # no telemetry leaves `slmops serve`, so prompts are not scored for drift (scoring costs time per request)
     backend = LlamaCppBackend.load(
-        path, info.model_id, BackendConfig(context_tokens=info.context_tokens, threads=threads)
+        path,
+        info.model_id,
+        BackendConfig(context_tokens=info.context_tokens, threads=threads, prompt_nll_sample_rate=0.0),
     )
     host = ModelHost()
     host.activate(backend, info)

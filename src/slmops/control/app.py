@@ -21,7 +21,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from slmops import __version__
-from slmops.control import rollouts, routes_agent, routes_operator, routes_rollouts, routes_telemetry
+from slmops.control import (
+    rollouts,
+    routes_agent,
+    routes_alerts,
+    routes_drift,
+    routes_operator,
+    routes_rollouts,
+    routes_telemetry,
+)
 from slmops.control.metrics import install_metrics
 from slmops.control.openapi import install_openapi
 from slmops.control.plane import ControlPlane
@@ -136,8 +144,9 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(settings: ServerSettings | None = None, plane: ControlPlane | None = None) -> FastAPI:
-    """The control-plane app. Without ``plane``, one is opened from ``settings`` when the app starts."""
-    settings = settings or ServerSettings()
+    """The control-plane app. Without ``plane``, one is opened from ``settings`` when the app starts; with one and
+    no ``settings``, the plane's settings are the app's."""
+    settings = settings or (plane.settings if plane is not None else ServerSettings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -148,6 +157,7 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
         opened = ControlPlane.open(settings)
         app.state.plane = opened
         controller = rollouts.RolloutController(opened) if settings.rollout_controller else None
+        app.state.controller = controller
         if controller is not None:
             controller.start()
         try:
@@ -164,6 +174,7 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
         lifespan=lifespan,
         dependencies=[Depends(_single_query_values)],
     )
+    app.state.controller = None
     if plane is not None:
         app.state.plane = plane
     app.add_exception_handler(SLMOpsError, _slmops_error)
@@ -185,6 +196,12 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
     app.include_router(routes_operator.router, prefix=API_PREFIX)
     app.include_router(routes_telemetry.router, prefix=API_PREFIX)
     app.include_router(routes_rollouts.router, prefix=API_PREFIX)
-    install_metrics(app, settings.metrics_token, settings.metrics_cache_s)
+    app.include_router(routes_alerts.router, prefix=API_PREFIX)
+    app.include_router(routes_drift.router, prefix=API_PREFIX)
+    if settings.ui:
+        from slmops.ui import install_ui
+
+        install_ui(app)
+    install_metrics(app, settings.metrics_token, settings.metrics_cache_s, enabled=settings.metrics)
     install_openapi(app)
     return app

@@ -19,6 +19,7 @@ __all__ = [
     "BlueprintRow",
     "DeviceEventRow",
     "DeviceRow",
+    "DriftReferenceRow",
     "EnrollmentTokenRow",
     "LeaseRow",
     "ReleaseEventRow",
@@ -195,4 +196,25 @@ class TelemetryWindowRow(Base):
     __table_args__ = (
         Index("ix_telemetry_windows_version_start", "version_digest", "window_start"),
         Index("ix_telemetry_windows_received", "version_digest", "received_at"),
+        Index("ix_telemetry_windows_version_class_start", "version_digest", "device_class", "window_start"),
+        Index("ix_telemetry_windows_start", "window_start"),
     )
+
+
+class DriftReferenceRow(Base):
+    """The reference window an operator pinned for one (model version, device class); without one the version's
+    first windows are the reference."""
+
+    __tablename__ = "drift_references"
+
+    version_digest: Mapped[str] = mapped_column(String(71), primary_key=True)
+    device_class: Mapped[str] = mapped_column(String(80), primary_key=True)
+    start: Mapped[str] = mapped_column(String(40))  # RFC 3339 UTC, inclusive
+    end: Mapped[str] = mapped_column(String(40))  # RFC 3339 UTC, exclusive
+    pinned_by: Mapped[str] = mapped_column(String(64))
+    pinned_at: Mapped[str] = mapped_column(String(40))
+
+
+# The alerts' tables live in their own module on the same metadata; imported here so that whoever sees these
+# tables (the app, migrations, their test) sees those too.
+from slmops.control import alert_tables as _alert_tables  # noqa: E402,F401

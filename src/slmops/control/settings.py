@@ -37,8 +37,16 @@ class ServerSettings(BaseSettings):
     rollout_controller: bool = True  # run the rollout controller loop in this server (one replica holds the lease)
     rollout_tick_s: float = Field(default=5.0, gt=0)  # how often the controller evaluates running releases
     rollout_lease_s: float = Field(default=30.0, gt=0)  # a replica that stops renewing loses the lease after this
+    metrics: bool = True  # serve GET /metrics and count HTTP requests per route; off: neither (no middleware)
     metrics_token: str | None = None  # a bearer token that may scrape GET /metrics (besides viewer tokens)
     metrics_cache_s: float = Field(default=5.0, ge=0)  # how long the fleet gauges of /metrics are reused
+    alert_rules_file: Path | None = None  # YAML alert rules (telemetry/alert_rules.py); none: no alerts evaluated
+    drift_step_s: float = Field(default=3600.0, gt=0)  # drift compares the fleet's telemetry in steps this long
+    drift_reference_s: float = Field(default=2 * 86400.0, gt=0)  # unpinned reference: a version's first this long
+    drift_current_steps: int = Field(default=3, ge=1)  # the last this many steps are compared with the reference
+    drift_horizon_s: float = Field(default=7 * 86400.0, gt=0)  # how far back a shift's start is searched
+    price_table_file: Path | None = None  # YAML cloud prices and edge profiles for the cost report; none: the example
+    ui: bool = True  # serve the dashboard at /ui
 
     def registry_settings(self) -> Settings:
         return Settings(home=self.home, database_url=self.database_url)

@@ -9,7 +9,7 @@ correctly. A roll-up sums a version's windows per device class; the sums themsel
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -26,24 +26,28 @@ from slmops.telemetry.schemas import ClassRollup, TelemetryRollup
 if TYPE_CHECKING:
     from slmops.control.plane import ControlPlane
 
-__all__ = ["store_telemetry", "telemetry_rollup"]
+__all__ = ["parse_time", "store_telemetry", "telemetry_rollup"]
 
 DEFAULT_ROLLUP_S = 86400.0
 
 
-def _parse_time(text: str, what: str) -> datetime:
+def parse_time(text: str, what: str) -> datetime:
+    """An RFC 3339 time with a zone, in UTC (one beyond the calendar's ends is clamped to it)."""
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise ConfigError(f"{what} must be an RFC 3339 time like 2025-01-31T12:00:00Z; got {text[:64]!r}") from None
     if moment.tzinfo is None:
         raise ConfigError(f"{what} must carry a time zone (e.g. a trailing Z); got {text[:64]!r}")
-    return moment
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC) if moment.year > 1 else datetime.min.replace(tzinfo=UTC)
 
 
 def store_telemetry(plane: ControlPlane, device_id: str, batch: TelemetryBatch) -> TelemetryAck:
     """Store the windows not stored yet (one unit of work); acknowledge every id of the batch."""
-    starts = {w.id: iso(_parse_time(w.window_start, f"window {w.id[:64]}: window_start")) for w in batch.windows}
+    starts = {w.id: iso(parse_time(w.window_start, f"window {w.id[:64]}: window_start")) for w in batch.windows}
     ids = list(dict.fromkeys(w.id for w in batch.windows))
 
     def work(session: Session) -> TelemetryAck:
@@ -87,8 +91,8 @@ def telemetry_rollup(
 ) -> TelemetryRollup:
     """Totals and merged histograms of one version per device class, over windows starting in [since, until)."""
     digest = version if version.startswith("sha256:") else plane.registry.resolve(version).digest
-    end = _parse_time(until, "until") if until else plane.clock()
-    start = _parse_time(since, "since") if since else end - timedelta(seconds=DEFAULT_ROLLUP_S)
+    end = parse_time(until, "until") if until else plane.clock()
+    start = parse_time(since, "since") if since else end - timedelta(seconds=DEFAULT_ROLLUP_S)
     with Session(plane.engine) as session:
         rows = session.execute(
             select(TelemetryWindowRow.device_id, TelemetryWindowRow.device_class, TelemetryWindowRow.body).where(

@@ -75,6 +75,8 @@ class Generation:
         prompt_tokens = completion_tokens = 0
         outcome = "error"
         error_type = "internal"
+        finish_reason: str | None = None
+        prompt_nll: float | None = None
         try:
             prompt_tokens = self.backend.count_tokens(prompt)
             if prompt_tokens >= self.info.context_tokens:
@@ -98,9 +100,11 @@ class Generation:
                         break
                     put("piece", piece)
                 prompt_tokens, completion_tokens = pieces.prompt_tokens, pieces.completion_tokens
+                prompt_nll = pieces.prompt_nll
                 if outcome != "cancelled":
                     outcome = "ok"
-                    put("done", Done(prompt_tokens, completion_tokens, pieces.finish_reason or "stop"))
+                    finish_reason = pieces.finish_reason or "stop"
+                    put("done", Done(prompt_tokens, completion_tokens, finish_reason))
         except RuntimeBackendError as exc:
             log.warning("generation with model %s failed: %s", model_id, type(exc).__name__)
             error_type = exc.code
@@ -113,7 +117,7 @@ class Generation:
             )
         finally:
             self.lease.close()
-            self._record(outcome, prompt_tokens, completion_tokens, first)
+            self._record(outcome, prompt_tokens, completion_tokens, first, finish_reason, prompt_nll)
             self._observe(outcome, error_type, prompt_tokens, completion_tokens, first)
 
     def _observe(
@@ -131,7 +135,17 @@ class Generation:
             time_to_first_token_s=first - self.started if first is not None and outcome == "ok" else None,
         )
 
-    def _record(self, outcome: str, prompt_tokens: int, completion_tokens: int, first: float | None) -> None:
+    def _record(
+        self,
+        outcome: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        first: float | None,
+        finish_reason: str | None = None,
+        prompt_nll: float | None = None,
+    ) -> None:
+        """Count the request; for drift also its finish reason ("other" when cancelled), whether it produced no
+        text at all (a stream that never yielded a piece), and the prompt NLL the backend measured, if any."""
         if self.stats is None:
             return
         if outcome == "rejected":
@@ -144,4 +158,7 @@ class Generation:
             completion_tokens=completion_tokens,
             latency_s=time.monotonic() - self.started if outcome == "ok" else None,
             time_to_first_token_s=first - self.started if first is not None else None,
+            finish_reason={"ok": finish_reason, "error": "error"}.get(outcome, "other"),
+            empty=first is None if outcome == "ok" else None,
+            prompt_nll=prompt_nll,
         )

@@ -1,4 +1,10 @@
-"""Request counters of the local API, per model, for the agent's telemetry: numbers only, never text."""
+"""Request counters of the local API, per model, for the agent's telemetry: numbers only, never text.
+
+Besides the counts, each request leaves a :class:`~slmops.telemetry.drift.RequestSummary` (token counts, finish
+reason, empty output, the prompt's mean negative log-likelihood when it was measured): numbers the window builder
+folds into the window's drift summary. They are bounded like the latency samples (the most recent
+``max_requests`` per model in a window).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,9 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["ModelStats", "RequestStats", "StatsSnapshot"]
+from slmops.telemetry.drift import RequestSummary
+
+__all__ = ["ModelStats", "RequestStats", "RequestSummary", "StatsSnapshot"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +27,7 @@ class ModelStats:
     completion_tokens: int = 0
     latency_s: tuple[float, ...] = ()  # request received -> last byte generated, successful requests
     time_to_first_token_s: tuple[float, ...] = ()  # request received -> first text piece
+    summaries: tuple[RequestSummary, ...] = ()  # requests that reached the model, oldest first
 
 
 @dataclass(frozen=True)
@@ -35,25 +44,31 @@ class _Acc:
     completion_tokens: int = 0
     latency_s: deque[float] = field(default_factory=deque)
     ttft_s: deque[float] = field(default_factory=deque)
+    summaries: deque[RequestSummary] = field(default_factory=deque)
 
 
 class RequestStats:
     """Thread-safe counters the server updates and the agent reads.
 
-    Latency samples are bounded (the most recent ``max_samples`` per model and kind). ``snapshot()`` reads,
-    ``take()`` reads and resets (one telemetry window).
+    Latency samples are bounded (the most recent ``max_samples`` per model and kind), request summaries too (the
+    most recent ``max_requests``). ``snapshot()`` reads, ``take()`` reads and resets (one telemetry window).
     """
 
-    def __init__(self, max_samples: int = 1024) -> None:
+    def __init__(self, max_samples: int = 1024, max_requests: int = 4096) -> None:
         self._lock = threading.Lock()
         self._max_samples = max_samples
+        self._max_requests = max_requests
         self._models: dict[str, _Acc] = {}
         self._rejected = 0
 
     def _acc(self, model_id: str) -> _Acc:
         acc = self._models.get(model_id)
         if acc is None:
-            acc = _Acc(latency_s=deque(maxlen=self._max_samples), ttft_s=deque(maxlen=self._max_samples))
+            acc = _Acc(
+                latency_s=deque(maxlen=self._max_samples),
+                ttft_s=deque(maxlen=self._max_samples),
+                summaries=deque(maxlen=self._max_requests),
+            )
             self._models[model_id] = acc
         return acc
 
@@ -66,8 +81,15 @@ class RequestStats:
         completion_tokens: int = 0,
         latency_s: float | None = None,
         time_to_first_token_s: float | None = None,
+        finish_reason: str | None = None,
+        empty: bool | None = None,
+        prompt_nll: float | None = None,
     ) -> None:
-        """One request that reached model ``model_id``; ``ok=False`` counts it as an error too."""
+        """One request that reached model ``model_id``; ``ok=False`` counts it as an error too.
+
+        ``finish_reason`` defaults to "stop" (or "error" when not ``ok``); ``empty`` to "no completion token";
+        ``prompt_nll`` is the prompt's mean negative log-likelihood in nats per token, None when not measured.
+        """
         with self._lock:
             acc = self._acc(model_id)
             acc.requests += 1
@@ -78,6 +100,15 @@ class RequestStats:
                 acc.latency_s.append(latency_s)
             if time_to_first_token_s is not None:
                 acc.ttft_s.append(time_to_first_token_s)
+            acc.summaries.append(
+                RequestSummary(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    finish_reason=finish_reason or ("stop" if ok else "error"),
+                    prompt_nll=prompt_nll,
+                    empty=empty,
+                )
+            )
 
     def record_rejected(self) -> None:
         with self._lock:
@@ -93,6 +124,7 @@ class RequestStats:
                     completion_tokens=acc.completion_tokens,
                     latency_s=tuple(acc.latency_s),
                     time_to_first_token_s=tuple(acc.ttft_s),
+                    summaries=tuple(acc.summaries),
                 )
                 for model_id, acc in self._models.items()
             },

@@ -14,7 +14,9 @@ backoff and jitter, as are transport errors, 429 and 5xx answers.
 Telemetry: every ``telemetry_window_s`` the agent closes a window of ``requests_per_window`` simulated requests on
 its active version (latency and errors from the runtime, so a version bad on one class shows in that class's
 numbers) and posts its buffered windows with ids, as the real agent does; offline, windows stay buffered (at most
-``MAX_BUFFERED_WINDOWS``, the oldest dropped first) and go out when the device is back.
+``MAX_BUFFERED_WINDOWS``, the oldest dropped first) and go out when the device is back. Each window carries the
+drift summary of its requests (:meth:`SimulatedRuntime.summaries`, shifted by the fleet's drift options once the
+window starts ``after_s`` or more after ``fleet_started``); its token totals are theirs.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from slmops.registry.signing import format_public_key
 from slmops.sim.profiles import DeviceProfile
 from slmops.sim.runtime import SimulatedRuntime
 from slmops.telemetry.aggregate import histogram_from_ms
+from slmops.telemetry.drift import summarize
 
 __all__ = ["SimAgent", "sleep_unless_stopped"]
 
@@ -63,7 +66,7 @@ MAX_ATTEMPTS = 6
 BACKOFF_BASE_S = 0.2
 BACKOFF_MAX_S = 10.0
 MAX_BUFFERED_WINDOWS = 50
-TOKENS_PER_REQUEST = 32  # simulated completion length, for the per-token latency
+TOKENS_PER_REQUEST = 32  # the completion length the per-token latency assumes (latency does not follow length)
 
 
 def _now() -> str:
@@ -107,6 +110,7 @@ class SimAgent:
         self.windows: list[TelemetryWindow] = []
         self.window_number = 0
         self.window_started = time.monotonic()
+        self.fleet_started = self.window_started  # time.monotonic() when the fleet started; set by FleetRun
         self.profile = profile
         self.labels = labels
         self.runtime = runtime
@@ -317,12 +321,14 @@ class SimAgent:
         elapsed = now - self.window_started
         if not force and elapsed < self.telemetry_window_s:
             return
-        self.window_started = now
+        started, self.window_started = self.window_started, now
         digest = self.active_digest
         if digest is None or self.requests_per_window == 0:
             return
         self.window_number += 1
         sample = self.runtime.sample(self.profile, self.name, digest, self.window_number, self.requests_per_window)
+        since_start = started - self.fleet_started
+        summaries = self.runtime.summaries(self.profile, self.name, digest, self.window_number, sample, since_start)
         self.windows.append(
             TelemetryWindow(
                 id=uuid.uuid4().hex,
@@ -331,9 +337,11 @@ class SimAgent:
                 window_s=max(0.001, min(86400.0, elapsed)),
                 requests=sample.requests,
                 errors=sample.errors,
-                completion_tokens=sample.requests * TOKENS_PER_REQUEST,
+                prompt_tokens=sum(s.prompt_tokens for s in summaries),
+                completion_tokens=sum(s.completion_tokens for s in summaries),
                 latency_ms=histogram_from_ms(sample.latencies_ms),
                 per_token_ms=histogram_from_ms(v / TOKENS_PER_REQUEST for v in sample.latencies_ms),
+                drift=summarize(summaries),
             )
         )
         del self.windows[:-MAX_BUFFERED_WINDOWS]

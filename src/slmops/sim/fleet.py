@@ -6,8 +6,15 @@ Either a list of groups::
     - {profile: till-8gb, count: 400}
 
 or a mapping with ``devices`` (that list) and optional ``profiles`` (extra or replaced profiles, by name),
-``runtime`` (overrides that make a version slow or failing on some profiles), ``seed`` and ``poll_interval_s``.
-See ``examples/fleet.yaml``.
+``runtime`` (overrides that make a version slow or failing on some profiles; the shape of the simulated traffic
+and drift shifts of it), ``seed`` and ``poll_interval_s``. See ``examples/fleet.yaml``. A drift shift doubles the
+prompt-length median on one class ten minutes into the run::
+
+    runtime:
+      traffic: {prompt_tokens_median: 120, prompt_nll_mean: 3.2, prompt_nll_sample_rate: 0.25}
+      drift:
+        - {profile: pi-2gb, after_s: 600, signal: prompt_tokens, factor: 2.0}
+        - {profile: till-8gb, version: "sha256:ab12", after_s: 300, signal: prompt_nll, factor: 1.3}
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from slmops.core.blueprint import invalid_document, load_yaml_document
 from slmops.errors import BlueprintError
 from slmops.sim.profiles import BUILTIN_PROFILES, DeviceProfile
-from slmops.sim.runtime import RuntimeOverride
+from slmops.sim.runtime import DriftShift, RuntimeOverride, TrafficShape
 
 __all__ = ["DeviceGroup", "FleetSpec", "RuntimeSpec", "load_fleet", "parse_fleet"]
 
@@ -44,6 +51,8 @@ class RuntimeSpec(BaseModel):
     overrides: tuple[RuntimeOverride, ...] = ()
     requests_per_window: int = Field(default=20, ge=0, le=100_000)  # simulated requests per telemetry window
     telemetry_window_s: float = Field(default=10.0, gt=0)  # a window closes at the first poll after this long
+    traffic: TrafficShape = Field(default_factory=TrafficShape)  # distributions of the simulated requests
+    drift: tuple[DriftShift, ...] = ()  # shifts of those distributions on some profiles, after a time
 
 
 class FleetSpec(BaseModel):
@@ -77,6 +86,11 @@ class FleetSpec(BaseModel):
         for override in self.runtime.overrides:
             if override.profile is not None and override.profile not in known:
                 raise ValueError(f"runtime override names unknown profile {override.profile!r}")
+        for shift in self.runtime.drift:
+            if shift.profile is not None and shift.profile not in known:
+                raise ValueError(
+                    f"runtime drift names unknown profile {shift.profile!r}; known profiles: {', '.join(sorted(known))}"
+                )
         total = sum(g.count for g in self.devices)
         if total > MAX_DEVICES:
             raise ValueError(f"at most {MAX_DEVICES} devices per fleet, got {total}")

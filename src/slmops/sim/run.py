@@ -89,6 +89,8 @@ class FleetRun:
             overrides=self.spec.runtime.overrides,
             base_latency_ms=self.spec.runtime.base_latency_ms,
             base_error_rate=self.spec.runtime.base_error_rate,
+            traffic=self.spec.runtime.traffic,
+            drift=self.spec.runtime.drift,
         )
         numbers: Counter[str] = Counter()
         agents = []
@@ -115,6 +117,8 @@ class FleetRun:
         if not self.agents:
             self.agents = self.build()
         self.started = time.monotonic()
+        for agent in self.agents:
+            agent.fleet_started = self.started  # drift shifts count from here
         limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
         timeout = httpx.Timeout(self.timeout_s, pool=None)  # waiting for a pooled connection is not a failure
         gate = asyncio.Semaphore(self.max_connections)

@@ -12,10 +12,13 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from slmops.core.wire import LATENCY_BUCKETS_MS, Histogram, TelemetryWindow
+from slmops.core.wire import LATENCY_BUCKETS_MS, DriftSummary, Histogram, TelemetryWindow
 from slmops.errors import ConfigError
+
+if TYPE_CHECKING:
+    from slmops.telemetry.drift import RequestSummary
 
 __all__ = [
     "ModelCounters",
@@ -116,8 +119,12 @@ def build_window(
     time_to_first_token_s: Sequence[float] = (),
     counters: WindowCounters | None = None,
     memory_rss_bytes: int | None = None,
+    summaries: Sequence[RequestSummary] | None = None,
 ) -> TelemetryWindow:
     """A window from runtime counters (seconds, as ``runtime.stats`` keeps them) and the agent's own counters.
+
+    ``summaries`` (one per request, numbers only) become the window's ``drift`` summary through
+    :func:`slmops.telemetry.drift.summarize`; None leaves ``drift`` None (an agent that does not summarize).
 
     Per-token time and decode speed are estimated from the samples: for each request with a first-token time,
     ``(latency - ttft) / max(1, completion_tokens / requests - 1)``, a mean since per-request token counts are not
@@ -152,7 +159,23 @@ def build_window(
         per_token_ms=histogram_from_ms(per_token_ms),
         decode_tokens_per_s=decode,
         memory_rss_bytes=memory_rss_bytes,
+        drift=_summarize(summaries) if summaries is not None else None,
     )
+
+
+def _summarize(summaries: Sequence[RequestSummary]) -> DriftSummary:
+    from slmops.telemetry.drift import summarize  # drift builds on this module's histograms
+
+    return summarize(summaries)
+
+
+def _merge_drift(a: DriftSummary | None, b: DriftSummary | None) -> DriftSummary | None:
+    """The sum of two windows' drift summaries; a window without one adds nothing."""
+    if a is None or b is None:
+        return a if b is None else b
+    from slmops.telemetry.drift import merge_summaries  # drift builds on this module's histograms
+
+    return merge_summaries(a, b)
 
 
 def _max_optional(a: int | None, b: int | None) -> int | None:
@@ -165,8 +188,9 @@ def _max_optional(a: int | None, b: int | None) -> int | None:
 
 def merge_windows(a: TelemetryWindow, b: TelemetryWindow, *, id: str | None = None) -> TelemetryWindow:
     """The sum of two windows of the same version: counts and histograms add, memory takes the peak, the span covers
-    both. All of that is associative and commutative (ids aside). The decode speed is only approximately so: a mean
-    weighted by completion tokens (the wire keeps no separate weight for it)."""
+    both, drift summaries add (a window without one adds nothing). All of that is associative and commutative (ids
+    aside). The decode speed is only approximately so: a mean weighted by completion tokens (the wire keeps no
+    separate weight for it)."""
     if a.version_digest != b.version_digest:
         raise ConfigError(
             f"cannot merge telemetry of version {a.version_digest} with {b.version_digest}; roll up per version"
@@ -194,6 +218,7 @@ def merge_windows(a: TelemetryWindow, b: TelemetryWindow, *, id: str | None = No
         per_token_ms=merge_histograms(a.per_token_ms, b.per_token_ms),
         decode_tokens_per_s=decode,
         memory_rss_bytes=_max_optional(a.memory_rss_bytes, b.memory_rss_bytes),
+        drift=_merge_drift(a.drift, b.drift),
     )
 
 
@@ -282,6 +307,8 @@ class ModelCounters(Protocol):
     def latency_s(self) -> Sequence[float]: ...
     @property
     def time_to_first_token_s(self) -> Sequence[float]: ...
+    @property
+    def summaries(self) -> Sequence[RequestSummary]: ...
 
 
 def windows_from_stats(
@@ -297,7 +324,8 @@ def windows_from_stats(
 ) -> list[TelemetryWindow]:
     """One window per version seen in the window: each model the local API served (its id mapped to a version
     digest by ``digest_of``; unknown ids count under ``None``), each version with agent counters, and the version
-    being served even when idle (an idle window is exposure for the crash and rollback gates)."""
+    being served even when idle (an idle window is exposure for the crash and rollback gates). Every window carries
+    a drift summary of its requests' ``summaries`` (empty for an idle window)."""
     merged: dict[str | None, list[ModelCounters]] = {}
     for model_id, stats in models.items():
         merged.setdefault(digest_of.get(model_id), []).append(stats)
@@ -323,6 +351,7 @@ def windows_from_stats(
                 time_to_first_token_s=[v for p in parts for v in p.time_to_first_token_s],
                 counters=counters.get(digest),
                 memory_rss_bytes=memory_rss_bytes if digest == serving else None,
+                summaries=[s for p in parts for s in p.summaries],
             )
         )
     return result

@@ -30,7 +30,15 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slmops.core.wire import Histogram, TelemetryWindow
+from slmops.core.wire import (
+    FINISH_REASONS,
+    NLL_BUCKETS,
+    TOKEN_BUCKETS,
+    DriftSummary,
+    FinishReason,
+    Histogram,
+    TelemetryWindow,
+)
 from slmops.errors import ConfigError
 from slmops.telemetry._stats import chi_square_p, fisher_p
 from slmops.telemetry.aggregate import histogram_from_ms, merge_histograms
@@ -62,54 +70,9 @@ __all__ = [
     "summarize",
 ]
 
-# Upper bounds of the token-count buckets (one more bucket counts everything above the last), roughly x1.5 apart.
-TOKEN_BUCKETS: tuple[float, ...] = (
-    *(1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512),
-    *(768, 1024, 1536, 2048, 3072, 4096, 8192, 16384, 32768),
-)
-# Upper bounds of the per-prompt mean negative log-likelihood buckets, in nats per token.
-NLL_BUCKETS: tuple[float, ...] = (
-    *(0.5, 1.0, 1.5, 2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 3.75),
-    *(4.0, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0, 10.0),
-)
-FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "error", "other"]
-FINISH_REASONS: tuple[FinishReason, ...] = get_args(FinishReason)
 Signal = Literal["prompt_tokens", "completion_tokens", "finish_reason", "empty_output", "prompt_nll", "latency"]
 SIGNALS: tuple[Signal, ...] = get_args(Signal)
 DriftLevel = Literal["ok", "warn", "alert", "insufficient"]
-
-
-def _empty(bounds: Sequence[float]) -> Histogram:
-    return Histogram(bounds=list(bounds), counts=[0] * (len(bounds) + 1), sum=0.0)
-
-
-class DriftSummary(BaseModel):
-    """What one device served in one window, as distributions: counts only, never text.
-
-    ``prompt_nll`` counts requests by the model's mean negative log-likelihood of the prompt tokens (nats per
-    token); its ``sum`` over its count is the window's mean prompt NLL.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    requests: int = Field(default=0, ge=0)  # completed requests summarized
-    prompt_tokens: Histogram = Field(default_factory=lambda: _empty(TOKEN_BUCKETS))
-    completion_tokens: Histogram = Field(default_factory=lambda: _empty(TOKEN_BUCKETS))
-    finish_reasons: dict[FinishReason, int] = Field(default_factory=dict)
-    empty_outputs: int = Field(default=0, ge=0)
-    prompt_nll: Histogram = Field(default_factory=lambda: _empty(NLL_BUCKETS))
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DriftSummary:
-        for name in ("prompt_tokens", "completion_tokens", "prompt_nll"):
-            hist: Histogram = getattr(self, name)
-            if len(hist.counts) != len(hist.bounds) + 1 or any(c < 0 for c in hist.counts):
-                raise ValueError(f"{name}: need len(bounds) + 1 non-negative counts; got {len(hist.counts)} counts")
-        if any(c < 0 for c in self.finish_reasons.values()):
-            raise ValueError("finish_reasons: counts must be >= 0")
-        if self.empty_outputs > self.requests:
-            raise ValueError(f"empty_outputs ({self.empty_outputs}) cannot exceed requests ({self.requests})")
-        return self
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ from slmops.control.rollouts.releases import advance, commit_guarded
 from slmops.core.rollout import RolloutPolicy, evaluate_stage
 
 if TYPE_CHECKING:
+    import httpx
+
+    from slmops.control.alerting import AlertingJob
     from slmops.control.plane import ControlPlane
 
 __all__ = ["CONTROLLER_LEASE", "RolloutController"]
@@ -48,11 +51,18 @@ class RolloutController:
         self.holds_lease = False
         self._winners = Winners()
         self._accumulators: dict[AccumulatorKey, Accumulator] = {}
+        self.ticks = 0  # ticks run by this replica (with or without the lease), for /metrics
+        self.last_tick_at: float | None = None  # epoch seconds of the last tick
+        self._alerting: AlertingJob | None = None  # the alert rules of settings.alert_rules_file, once loaded
+        self._alerting_loaded = False
+        self._webhook_client: httpx.Client | None = None
 
     def tick(self) -> list[str]:
         """Evaluate every running or paused release once (if this replica holds the lease); their ids."""
         settings = self.plane.settings
         now = self.plane.now_epoch()
+        self.ticks += 1
+        self.last_tick_at = now
         self.holds_lease = acquire_lease(
             self.plane.engine, CONTROLLER_LEASE, self.holder, settings.rollout_lease_s, now
         )
@@ -67,7 +77,39 @@ class RolloutController:
                 log.exception("rollout controller: release %s could not be evaluated; it stays as it is", release_id)
         for key in [k for k in self._accumulators if k[0] not in ids]:
             del self._accumulators[key]  # finished releases
+        self._run_alerting()
         return ids
+
+    # -------------------------------------------------------------- alerts
+
+    def load_alerting(self) -> None:
+        """Load the alert rules of ``settings.alert_rules_file`` once; a bad file raises
+        :class:`~slmops.errors.ConfigError` (``start()`` calls this, so the server fails at startup)."""
+        if self._alerting_loaded or self.plane.settings.alert_rules_file is None:
+            return
+        import httpx
+
+        from slmops.control.alerting import AlertingJob
+
+        client = httpx.Client()
+        try:
+            self._alerting = AlertingJob.load(self.plane.settings, os.environ, client)
+        except Exception:
+            client.close()
+            raise
+        self._alerting_loaded = True
+        self._webhook_client = client
+
+    def _run_alerting(self) -> None:
+        """Evaluate the alert rules and deliver what is due; a failure is logged, never breaks the rollouts."""
+        if self.plane.settings.alert_rules_file is None:
+            return
+        try:
+            self.load_alerting()
+            if self._alerting is not None:
+                self._alerting.run(self.plane)
+        except Exception:
+            log.exception("alerting failed this tick; the rollouts go on, alerts are evaluated again next tick")
 
     def step(self, release_id: str) -> None:
         """Record the stage's cohort, judge the stage on its evidence, and promote, hold or halt the release."""
@@ -111,6 +153,7 @@ class RolloutController:
     # -------------------------------------------------------------- the loop
 
     def start(self) -> None:
+        self.load_alerting()
         self._thread = threading.Thread(target=self._run, name="rollout-controller", daemon=True)
         self._thread.start()
 
@@ -127,6 +170,8 @@ class RolloutController:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self._webhook_client is not None:
+            self._webhook_client.close()
         if self.holds_lease:
             try:
                 release_lease(self.plane.engine, CONTROLLER_LEASE, self.holder)
