@@ -128,6 +128,23 @@ def test_rollbacks_are_judged_against_their_rate_limit() -> None:
     assert {g.gate: g.verdict for g in evaluate_stage(POLICY, 2, 0, [few]).classes[0].gates}["rollbacks"] == "pass"
 
 
+def test_canaries_that_rolled_back_are_not_waited_for_and_all_of_them_fail_the_class() -> None:
+    loose = RolloutPolicy.model_validate(
+        {
+            **POLICY.model_dump(),
+            "gates": [{"name": "rollbacks", "metric": "rollbacks", "min_samples": 1, "max_rate": 0.2}],
+        }
+    )
+    # One canary that rolled back at once: 1 of 1 is no significant evidence at a 20% limit, but it will never
+    # report on the new version, so waiting for it would hold the release for ever.
+    lone = _class("k", members=1, online_members=1, switched=0, reporting=0, rolled_back=1)
+    result = evaluate_stage(loose, 0, soaked_s=0, classes=[lone])
+    assert result.decision == "halt" and "rolled the new version back" in result.reason
+    # Two canaries, one rolled back, the other reported: the class is judged on the one that can report.
+    pair = _class("k", members=2, online_members=2, switched=1, reporting=1, rolled_back=1)
+    assert evaluate_stage(loose, 0, soaked_s=600, classes=[pair]).classes[0].status == "pass"
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [

@@ -36,6 +36,11 @@ webhooks:
 """
 
 _PRICES_EXTRA = """\
+  - device_class: x86_64-2gb
+    device_usd: 150
+    life_months: 60
+    watts: 8
+    source: "example: a small x86 gateway with 2 GB; round figures"
   - device_class: aarch64-2gb
     device_usd: 60
     life_months: 48

@@ -262,10 +262,16 @@ def _judge_class(policy: RolloutPolicy, ev: ClassEvidence, soaked: bool) -> Clas
     failed = [r for r in results if r.verdict == "fail" and r.gate in critical]
     if failed:
         return ClassVerdict(ev.device_class, "fail", "; ".join(f"{r.gate}: {r.reason}" for r in failed), results)
+    # A canary that rolled the version back never reports on it: it is not waited for, and when every canary of
+    # the class has rolled it back (too few for the rollbacks gate's test to be significant), the class fails.
+    able = ev.members - min(ev.rolled_back, ev.members)
+    if able == 0:
+        reason = f"every one of the {ev.members} canaries rolled the new version back; none can report on it"
+        return ClassVerdict(ev.device_class, "fail", reason, results)
     if ev.online_members == 0 and ev.reporting == 0:
         reason = f"not judged: all {ev.members} canaries are offline and none reported"
         return ClassVerdict(ev.device_class, "not judged", reason, results)
-    needed = max(1, min(policy.min_reporting_devices, max(ev.online_members, ev.reporting), ev.members))
+    needed = max(1, min(policy.min_reporting_devices, max(ev.online_members, ev.reporting), able))
     if ev.reporting < needed:
         reason = (
             f"waiting: {ev.reporting} of {needed} canaries reported on the new version "
