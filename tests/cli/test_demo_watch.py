@@ -23,6 +23,8 @@ def _see_it_in_the_browser(url: str, token: str) -> None:
         return
     from playwright.sync_api import expect, sync_playwright
 
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
