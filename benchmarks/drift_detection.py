@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +41,7 @@ from sqlalchemy.pool import StaticPool
 from tests.telemetry.synthetic import STEP_S, T0, Shift, series
 
 from benchmarks._report import write_section
+from benchmarks.capacity import _machine
 from slmops.control.devices import get_device
 from slmops.control.drift import drift_entry, drift_facts
 from slmops.control.enrollment import create_enrollment_token, enroll_device
@@ -297,18 +296,6 @@ def run_benchmark(
         command=command,
         machine=_machine(),
     )
-
-
-def _machine() -> dict[str, str]:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": str(os.cpu_count()), "python": platform.python_version()}
 
 
 def _pct(values: Sequence[float], q: float) -> float:

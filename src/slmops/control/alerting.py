@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -27,9 +27,8 @@ from sqlalchemy.orm import Session
 
 from slmops.control.alert_tables import AlertDeliveryRow, AlertRow
 from slmops.control.db import DeviceRow, ReleaseRow, TelemetryWindowRow
-from slmops.control.repository import iso, parse_iso
+from slmops.control.repository import UNVERSIONED, iso, parse_iso, version_labels
 from slmops.errors import ConfigError
-from slmops.registry.db import VersionRow
 from slmops.telemetry.alert_rules import AlertConfig, Severity, load_alert_config
 from slmops.telemetry.alerts import (
     AlertState,
@@ -57,29 +56,15 @@ __all__ = [
     "evaluate_alerts",
     "gather_facts",
     "list_alerts",
-    "version_labels",
 ]
 
 log = logging.getLogger(__name__)
 
 ERROR_RATE_WINDOW_S = 900.0  # error rates count the telemetry windows that started this recently
 DELIVERIES_PER_CALL = 100  # due outbox rows sent by one deliver_pending call (the rest wait for the next)
-UNVERSIONED = "(no version)"
 
 
 # ------------------------------------------------------------------ facts
-
-
-def version_labels(session: Session, digests: Iterable[str | None]) -> dict[str, str]:
-    """``NAME@LABEL`` of each digest the registry knows; an unknown digest is shown as itself."""
-    wanted = sorted({d for d in digests if d})
-    labels = {d: d for d in wanted}
-    if wanted:
-        rows = session.execute(
-            select(VersionRow.digest, VersionRow.name, VersionRow.label).where(VersionRow.digest.in_(wanted))
-        )
-        labels.update({digest: f"{name}@{label}" for digest, name, label in rows})
-    return labels
 
 
 def _devices(session: Session) -> list[DeviceFact]:

@@ -16,9 +16,8 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from slmops.control.alerting import UNVERSIONED, version_labels
 from slmops.control.db import DeviceRow, TelemetryWindowRow
-from slmops.control.repository import iso
+from slmops.control.repository import UNVERSIONED, iso, version_labels
 from slmops.control.telemetry import parse_time
 from slmops.core.wire import TelemetryWindow
 from slmops.errors import ConfigError

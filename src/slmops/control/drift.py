@@ -36,10 +36,9 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from slmops.control.db import DriftReferenceRow, TelemetryWindowRow
-from slmops.control.repository import iso, parse_iso
+from slmops.control.repository import iso, parse_iso, version_names
 from slmops.core.wire import DriftSummary, Histogram
 from slmops.errors import ConfigError, NotFoundError
-from slmops.registry.db import VersionRow
 from slmops.telemetry.aggregate import merge_histograms
 from slmops.telemetry.alerts import DriftFact
 from slmops.telemetry.changepoint import cusum_alarms
@@ -294,15 +293,6 @@ def _reference_points(
     return points
 
 
-def _labels(session: Session, digests: set[str]) -> dict[str, tuple[str, str]]:
-    if not digests:
-        return {}
-    rows = session.execute(
-        select(VersionRow.digest, VersionRow.name, VersionRow.label).where(VersionRow.digest.in_(digests))
-    ).all()
-    return {d: (n, label) for d, n, label in rows}
-
-
 def _pins(session: Session) -> _Pins:
     return {(p.version_digest, p.device_class): p for p in session.scalars(select(DriftReferenceRow))}
 
@@ -389,7 +379,7 @@ def _entries(
         since = now - timedelta(seconds=schedule.horizon_s) if search_shift else _current_since(now, schedule)
         pairs = _pairs(session, since, now)
         pins = _pins(session)
-        labels = _labels(session, {d for d, _ in pairs})
+        labels = version_names(session, {d for d, _ in pairs})
         found = (
             _entry(plane, session, d, c, now, pins, labels, search_shift=search_shift, config=config, schedule=schedule)
             for d, c in pairs
@@ -425,7 +415,7 @@ def drift_entry(
             device_class,
             now,
             _pins(session),
-            _labels(session, {digest}),
+            version_names(session, {digest}),
             search_shift=True,
             config=config or DriftConfig(),
             schedule=schedule or schedule_of(plane.settings),

@@ -19,8 +19,11 @@ from slmops.control.db import (
     ReleaseMemberRow,
     ReleaseRow,
 )
+from slmops.registry.db import VersionRow
 
-__all__ = ["ControlRepository", "iso", "parse_iso"]
+__all__ = ["UNVERSIONED", "ControlRepository", "iso", "parse_iso", "version_labels", "version_names"]
+
+UNVERSIONED = "(no version)"  # how a window without a version digest is shown
 
 
 def iso(moment: datetime) -> str:
@@ -30,6 +33,24 @@ def iso(moment: datetime) -> str:
 
 def parse_iso(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def version_names(session: Session, digests: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """(model name, version label) of each digest the registry knows; unknown digests are left out."""
+    wanted = sorted(set(digests))
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(VersionRow.digest, VersionRow.name, VersionRow.label).where(VersionRow.digest.in_(wanted))
+    )
+    return {digest: (name, label) for digest, name, label in rows}
+
+
+def version_labels(session: Session, digests: Iterable[str | None]) -> dict[str, str]:
+    """``NAME@LABEL`` of each digest the registry knows; an unknown digest is shown as itself."""
+    wanted = {d for d in digests if d}
+    names = version_names(session, wanted)
+    return {d: f"{names[d][0]}@{names[d][1]}" if d in names else d for d in wanted}
 
 
 class ControlRepository:
