@@ -177,8 +177,8 @@ class _FailingChecks(LlamaRuntime):
         self.bad = bad
         self.serving: str | None = None
 
-    def serve(self, model_file: Path, envelope: object, runtime: object) -> None:
-        super().serve(model_file, envelope, runtime)  # type: ignore[arg-type]
+    def serve(self, model_file: Path, envelope: object, runtime: object, adapter_file: Path | None = None) -> None:
+        super().serve(model_file, envelope, runtime, adapter_file)  # type: ignore[arg-type]
         self.serving = envelope.digest  # type: ignore[attr-defined]
 
     def check(self) -> ProbeRecord:

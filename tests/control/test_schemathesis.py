@@ -81,6 +81,7 @@ def _fleet(plane: ControlPlane, tmp_path: Path, new_device: Callable[..., Device
     day = {"start": "2025-06-01T00:00:00Z", "end": "2025-06-02T00:00:00Z"}
     pin = {"version": "tiny@v1", "device_class": device_class, **day}
     assert api.put("/api/v1/drift/reference", json=pin).status_code == 200  # so DELETE has one to remove
+    assert api.post("/api/v1/datasets", json={"name": "fb"}).status_code in (200, 201)  # for the dataset paths
     return Fleet(
         admin=admin,
         device=device["device_id"],
@@ -137,6 +138,9 @@ def _config(fleet: Fleet) -> SchemathesisConfig:
             "operations": [
                 operation("/devices/{device_id}/status", **as_device),
                 operation("/devices/{device_id}/telemetry", **as_device),
+                operation("/devices/{device_id}/feedback", **as_device),
+                operation("/datasets/{name}/versions", parameters={"name": "fb"}),
+                operation("/datasets/{name}/versions/{selector}", parameters={"name": "fb", "selector": "latest"}),
                 operation("/devices/{device_id}/approve", parameters={"device_id": fleet.pending}),
                 operation("/devices/{device_id}/revoke", parameters={"device_id": fleet.revoked}),
                 operation("/devices/{device_id}/decommission", parameters={"device_id": fleet.decommissioned}),

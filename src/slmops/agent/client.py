@@ -15,6 +15,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from slmops import __version__
+from slmops.core.feedback import FeedbackAck, FeedbackBatch
 from slmops.core.wire import (
     API_PREFIX,
     ClaimRequest,
@@ -155,6 +156,10 @@ class ControlPlaneClient:
 
     def post_telemetry(self, device_id: str, batch: TelemetryBatch) -> TelemetryAck:
         return self._post(f"/devices/{device_id}/telemetry", "telemetry", batch, TelemetryAck)
+
+    def post_feedback(self, device_id: str, batch: FeedbackBatch) -> FeedbackAck:
+        """Upload redacted feedback samples (only ever sent when the blueprint and the site both opted in)."""
+        return self._post(f"/devices/{device_id}/feedback", "feedback", batch, FeedbackAck)
 
     @contextmanager
     def blob(self, digest: str, offset: int = 0, etag: str | None = None) -> Iterator[httpx.Response]:

@@ -37,3 +37,6 @@ class AgentConfig:
     # many prompt tokens are scored (on gemma3-270m here a scored request takes ~0.3 s longer; BENCHMARKS.md)
     prompt_nll_sample_rate: float = 0.05
     prompt_nll_max_tokens: int = 32
+    # the site's consent to let redacted feedback text leave this device (`slmops agent --feedback-opt-in`); text
+    # leaves only when the blueprint's spec.feedback.mode is opt_in too. Never set by the control plane.
+    feedback_opt_in: bool = False

@@ -6,6 +6,12 @@ This module is the loop; the parts it drives each have their own module:
 - :mod:`slmops.agent.switch`: the A/B slot switch (activate, commit, rollback), crash recovery at start-up, serving
   the ``current`` slot and checking its health.
 - :mod:`slmops.agent.reporting`: status reports with the buffered events, and telemetry windows.
+- :mod:`slmops.agent.feedback`: which rated completions leave the device (sampled, capped, redacted) and their
+  upload; the local feedback store is ``feedback.db`` (:mod:`slmops.feedback.store`).
+
+The desired state's site adaptation and feedback policy are put in the :class:`~slmops.runtime.policy.LocalPolicy`
+the local API reads per request, at start-up (from the persisted state) and whenever the desired state changes: no
+model reload.
 
 Every step is idempotent and persisted, so an agent killed at any moment continues correctly after a restart. The
 agent serves its active model whether or not the control plane answers; events wait in the outbox.
@@ -17,6 +23,7 @@ import contextlib
 import logging
 import random
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +33,7 @@ import httpx
 from slmops.agent._context import AgentContext
 from slmops.agent.client import ControlPlaneClient
 from slmops.agent.config import AgentConfig
+from slmops.agent.feedback import FeedbackCollector
 from slmops.agent.identity import Identity
 from slmops.agent.metrics import agent_collector
 from slmops.agent.outbox import TelemetryOutbox
@@ -37,6 +45,8 @@ from slmops.agent.switch import SlotSwitch
 from slmops.core.reconcile import Step
 from slmops.core.wire import Capabilities, ClaimRequest, DesiredState, EnrollRequest, EnrollResponse, TelemetryWindow
 from slmops.errors import AuthenticationError, ConfigError, ConflictError, SLMOpsError, UnavailableError
+from slmops.feedback.store import FeedbackStore
+from slmops.runtime.policy import LocalPolicy
 
 __all__ = ["Agent"]
 
@@ -56,12 +66,19 @@ class Agent:
         self.data = DataDir(config.data_dir)
         self._transport = transport
         self._lock = AgentLock(self.data.lock_file)
+        self.policy = LocalPolicy(site_opt_in=config.feedback_opt_in)
+        self.feedback_store = FeedbackStore(self.data.root / "feedback.db", clock=clock)
+        self.feedback = FeedbackCollector(self.feedback_store, self.policy, clock=clock)
         self._ctx = ctx = AgentContext(
             config,
             self.data,
             runtime=runtime
             or LlamaRuntime(
-                prompt_nll_sample_rate=config.prompt_nll_sample_rate, prompt_nll_max_tokens=config.prompt_nll_max_tokens
+                prompt_nll_sample_rate=config.prompt_nll_sample_rate,
+                prompt_nll_max_tokens=config.prompt_nll_max_tokens,
+                policy=self.policy,
+                feedback_store=self.feedback_store,
+                on_rated=self.feedback.rated,
             ),
             clock=clock,
         )
@@ -93,7 +110,10 @@ class Agent:
             self.cache.initialize()
             self.outbox.open()
             self.reporter.open()
+            self.feedback_store.open()
             ctx.state = ctx.store.load()
+            if ctx.state.desired is not None:  # what was in effect before the restart, until the next fetch
+                self.policy.update(ctx.state.desired.local, ctx.state.desired.feedback)
             identity = self.identities.identity()
             server = self.config.server_url or (identity.server_url if identity else None)
             if server is None:
@@ -118,6 +138,7 @@ class Agent:
             self._ctx.client = None
         self.outbox.close()
         self.telemetry.close()
+        self.feedback_store.close()
         self._lock.release()
 
     def close(self) -> None:
@@ -243,7 +264,30 @@ class Agent:
         self.switch.ensure_serving()
         self.reporter.report()
         self.reporter.flush_telemetry(self.switch.serving)
+        self.flush_feedback()
         return done
+
+    def flush_feedback(self) -> int:
+        """Purge expired feedback and upload the queued samples (nothing is queued without both consents)."""
+        try:
+            self.feedback_store.purge()
+            identity = self.identities.identity()
+            if identity is None or not self.identities.credential():
+                return 0
+            return self.feedback.upload(self._ctx.require_client(), identity.device_id)
+        except (SLMOpsError, OSError, sqlite3.Error) as exc:
+            log.warning("feedback upkeep failed: %s", type(exc).__name__)
+            return 0
+
+    def _apply_policy(self, desired: DesiredState) -> None:
+        if self.policy.update(desired.local, desired.feedback):
+            self._ctx.event(
+                "local_policy_changed",
+                None,
+                feedback_mode=desired.feedback.mode,
+                site_opt_in=self.config.feedback_opt_in,
+                system_prompt_chars=len(desired.local.system_prompt or ""),
+            )
 
     def close_window(self, *, force: bool = False) -> list[TelemetryWindow]:
         """Close the telemetry window when it is over (or ``force``); see :meth:`Reporter.close_window`."""
@@ -280,3 +324,4 @@ class Agent:
         state.desired = desired
         state.etag = etag or desired.generation
         self._ctx.save()
+        self._apply_policy(desired)

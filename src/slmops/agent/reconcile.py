@@ -3,9 +3,11 @@
 Every step persists ``state.json`` before it runs (phase, step) and after (its result), and every step is
 idempotent, so an agent killed at any moment continues correctly after a restart:
 
-- *verify*: the desired manifest's signature against the server-provided trusted keys; nothing is downloaded first.
+- *verify*: the desired manifest's signature against the server-provided trusted keys (an adapter version's base
+  too, and that it is the base the adapter names); nothing is downloaded first.
 - *download*: resumable partials, sha256-verified into the blob cache (:mod:`slmops.agent.download`).
-- *stage*: a slot directory renamed into place when complete (:mod:`slmops.agent.slots`).
+- *stage*: a slot directory renamed into place when complete (:mod:`slmops.agent.slots`); an adapter version's slot
+  holds the pair (base files and adapter files), so only blobs missing from the cache were downloaded.
 - *probe*: load and generate in a child process; a failed probe marks the version failed.
 - *activate*, *commit*, *rollback*: the slot switch (:mod:`slmops.agent.switch`).
 """
@@ -19,6 +21,7 @@ from slmops.agent._context import AgentContext
 from slmops.agent._pause import pause
 from slmops.agent.download import BlobWant, Downloader
 from slmops.agent.switch import SlotSwitch
+from slmops.core.adapters import adapter_base
 from slmops.core.manifest import SignedManifest
 from slmops.core.reconcile import LocalView, Step, plan, short_digest, target_of
 from slmops.core.wire import AgentPhase
@@ -97,7 +100,7 @@ class Reconciler:
             case "download":
                 self._download(step)
             case "stage":
-                self._ctx.slots.stage(self._desired_envelope(step.digest))
+                self._ctx.slots.stage(self._desired_envelope(step.digest), self._desired_base(step.digest))
                 self._ctx.event("staged", step.digest)
             case "probe":
                 self._probe(step)
@@ -118,6 +121,11 @@ class Reconciler:
             raise ConfigError(f"version {digest} is no longer desired")
         return desired.model.envelope
 
+    def _desired_base(self, digest: str | None) -> SignedManifest | None:
+        self._desired_envelope(digest)
+        desired = self._ctx.state.desired
+        return desired.model.base if desired is not None and desired.model is not None else None
+
     def _verify(self, step: Step) -> None:
         ctx = self._ctx
         envelope = self._desired_envelope(step.digest)
@@ -126,16 +134,30 @@ class Reconciler:
         if envelope.digest != step.digest:
             raise SLMOpsError(f"the desired state names {step.digest} but carries the manifest {envelope.digest}")
         key_id = verify_envelope(envelope, trusted)
-        if envelope.manifest.format != "gguf":
-            ctx.state.failed[str(step.digest)] = f"format {envelope.manifest.format} cannot run on this agent"
-            return
+        base = self._desired_base(step.digest)
+        wanted = adapter_base(envelope.manifest)
+        if wanted != (base.digest if base is not None else None):
+            raise SLMOpsError(
+                f"{envelope.manifest.name}@{envelope.manifest.version} names the base {wanted or 'none'} but the "
+                f"desired state carries {base.digest if base is not None else 'no base'}; waiting for a consistent one"
+            )
+        base_key = verify_envelope(base, trusted) if base is not None else None
+        for part in (envelope, *([base] if base is not None else [])):
+            if part.manifest.format != "gguf":
+                ctx.state.failed[str(step.digest)] = f"format {part.manifest.format} cannot run on this agent"
+                return
         ctx.state.verified = sorted({*ctx.state.verified, str(step.digest)})
-        ctx.event("verified", step.digest, key_id=key_id)
+        detail = (
+            {"key_id": key_id} if base is None else {"key_id": key_id, "base": base.digest, "base_key_id": base_key}
+        )
+        ctx.event("verified", step.digest, **detail)
 
     def _download(self, step: Step) -> None:
         ctx = self._ctx
         envelope = self._desired_envelope(step.digest)
-        sizes = {f.digest: f.size for f in envelope.manifest.files}
+        base = self._desired_base(step.digest)
+        parts = (envelope, *([base] if base is not None else []))
+        sizes = {f.digest: f.size for part in parts for f in part.manifest.files}
         wants = [BlobWant(blob, sizes[blob]) for blob in step.blobs]
         first_chunk = threading.Event()
 
@@ -164,7 +186,9 @@ class Reconciler:
         ctx = self._ctx
         digest = str(step.digest)
         envelope = ctx.slots.manifest(digest)
-        record = ctx.runtime.probe(ctx.slots.model_file(digest), envelope, ctx.runtime_config())
+        record = ctx.runtime.probe(
+            ctx.slots.model_file(digest), envelope, ctx.runtime_config(), adapter_file=ctx.slots.adapter_file(digest)
+        )
         ctx.state.probes[digest] = record
         if record.ok:
             ctx.event("probe_passed", digest, decode_tokens_per_s=record.decode_tokens_per_s)

@@ -7,6 +7,13 @@ rollbacks), buffered on disk and sent in batches whose acknowledged ids alone ar
 the drift summary of the requests it counts (token-count histograms, finish reasons, empty outputs, the prompt NLL
 of the sampled requests; see :mod:`slmops.telemetry.drift`), built from the runtime's per-request numbers. Numbers
 only, never text.
+
+When the desired state's ``privacy.dp`` is set, each closed window gets differential-privacy noise
+(:func:`slmops.feedback.dp.privatize_window`) and spends ``epsilon_per_window`` from the device's daily budget
+(:class:`slmops.agent.privacy.PrivacyBudget`). Once the day's budget is spent, windows carry no aggregates, only
+liveness (:func:`liveness_window`: the window's id, version and times, the agent's own crash/restart/rollback
+counts and its memory peak), and one ``privacy_budget_exhausted`` event per day says so. Without ``privacy.dp``
+the windows are exact.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from slmops import __version__
 from slmops.agent._context import AgentContext
 from slmops.agent.outbox import TelemetryOutbox
+from slmops.agent.privacy import PrivacyBudget
+from slmops.core.feedback import DifferentialPrivacy
 from slmops.core.wire import MAX_WINDOWS_PER_BATCH, StatusReport, TelemetryBatch, TelemetryWindow
 from slmops.errors import SLMOpsError, UnavailableError
 from slmops.telemetry.aggregate import WindowCounters, windows_from_stats
@@ -28,7 +37,7 @@ from slmops.telemetry.aggregate import WindowCounters, windows_from_stats
 if TYPE_CHECKING:
     from slmops.runtime.stats import RequestStats
 
-__all__ = ["Reporter"]
+__all__ = ["Reporter", "liveness_window"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,21 @@ def _rss_bytes() -> int | None:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def liveness_window(window: TelemetryWindow) -> TelemetryWindow:
+    """What a window says once the privacy budget is spent: that the device and version were alive for the window,
+    with the agent's own process events (crashes, restarts, rollbacks) and memory peak; no request aggregates."""
+    return TelemetryWindow(
+        id=window.id,
+        version_digest=window.version_digest,
+        window_start=window.window_start,
+        window_s=window.window_s,
+        crashes=window.crashes,
+        restarts=window.restarts,
+        rollbacks=window.rollbacks,
+        memory_rss_bytes=window.memory_rss_bytes,
+    )
+
+
 class Reporter:
     """Status reports and telemetry of one agent. ``open()`` starts the first telemetry window."""
 
@@ -52,9 +76,11 @@ class Reporter:
         self._counters: dict[str | None, WindowCounters] = {}  # crashes, restarts, rollbacks in the open window
         self._last_report: tuple[Any, ...] | None = None
         self._last_report_at = 0.0
+        self.privacy = PrivacyBudget.in_dir(ctx.data.root)
 
     def open(self) -> None:
         self.telemetry.open()
+        self.privacy.open()
         self._window_started = self._ctx.clock()
 
     # ----------------------------------------------------------------------------------------------- status
@@ -151,12 +177,36 @@ class Reporter:
             serving=serving,
             memory_rss_bytes=_rss_bytes(),
         )
+        desired = ctx.state.desired
+        if desired is not None and desired.privacy.dp is not None:
+            windows = self._privatize(windows, desired.privacy.dp, now)
         dropped = self.telemetry.add(windows)
         if dropped:
             ctx.event("telemetry_dropped", None, count=dropped, reason="the on-disk telemetry buffer was full")
         self._counters = {}
         self._window_started = now
         return windows
+
+    def _privatize(self, windows: list[TelemetryWindow], dp: DifferentialPrivacy, now: float) -> list[TelemetryWindow]:
+        """Noisy windows when today's budget covers one more close (spent once: the windows count disjoint
+        requests), else liveness only. The budget is persisted before anything noisy exists."""
+        from slmops.feedback.dp import privatize_window
+
+        if not windows:
+            return windows
+        if self.privacy.try_spend(dp.epsilon_per_window, epsilon_per_day=dp.epsilon_per_day, now=now):
+            return [privatize_window(w, dp.epsilon_per_window) for w in windows]
+        if self.privacy.note_exhausted(now):
+            today = self.privacy.today(now)
+            self._ctx.event(
+                "privacy_budget_exhausted",
+                None,
+                day=today.day,
+                epsilon_spent=today.spent,
+                epsilon_per_day=dp.epsilon_per_day,
+                reason="telemetry windows carry no aggregates until the next UTC day",
+            )
+        return [liveness_window(w) for w in windows]
 
     def flush_telemetry(self, serving: str | None) -> int:
         """Close the window if it is over, then send buffered windows in batches; drop only acknowledged ids.

@@ -18,7 +18,10 @@ from slmops.core.wire import RuntimeConfig
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
+    from slmops.feedback.store import FeedbackStore
+    from slmops.runtime._routes import OnRated
     from slmops.runtime.host import ModelHost, ModelInfo
+    from slmops.runtime.policy import LocalPolicy
     from slmops.runtime.serving import LocalServer
     from slmops.runtime.stats import RequestStats
 
@@ -29,9 +32,13 @@ class ModelRuntime(Protocol):
     @property
     def url(self) -> str | None: ...
 
-    def probe(self, model_file: Path, envelope: SignedManifest, runtime: RuntimeConfig) -> ProbeRecord: ...
+    def probe(
+        self, model_file: Path, envelope: SignedManifest, runtime: RuntimeConfig, adapter_file: Path | None = None
+    ) -> ProbeRecord: ...
 
-    def serve(self, model_file: Path, envelope: SignedManifest, runtime: RuntimeConfig) -> None: ...
+    def serve(
+        self, model_file: Path, envelope: SignedManifest, runtime: RuntimeConfig, adapter_file: Path | None = None
+    ) -> None: ...
 
     def stop_serving(self) -> None: ...
 
@@ -46,7 +53,11 @@ def _context_tokens(envelope: SignedManifest, runtime: RuntimeConfig) -> int:
 
 
 class LlamaRuntime:
-    """llama.cpp behind a :class:`ModelHost` (atomic swaps) and the local OpenAI-compatible API on 127.0.0.1."""
+    """llama.cpp behind a :class:`ModelHost` (atomic swaps) and the local OpenAI-compatible API on 127.0.0.1.
+
+    The local API reads ``policy`` per request (site adaptation, feedback policy; the agent updates it without a
+    reload), records completions in ``feedback_store`` and hands ratings to ``on_rated``
+    (see :func:`slmops.runtime.server.create_app`)."""
 
     def __init__(
         self,
@@ -55,7 +66,13 @@ class LlamaRuntime:
         probe_max_latency_s: float = 30.0,
         prompt_nll_sample_rate: float = 0.05,
         prompt_nll_max_tokens: int = 32,
+        policy: LocalPolicy | None = None,
+        feedback_store: FeedbackStore | None = None,
+        on_rated: OnRated | None = None,
     ) -> None:
+        self.policy = policy
+        self.feedback_store = feedback_store
+        self.on_rated = on_rated
         self.probe_max_tokens = probe_max_tokens
         self.probe_max_latency_s = probe_max_latency_s
         self.prompt_nll_sample_rate = prompt_nll_sample_rate  # see BackendConfig
@@ -84,12 +101,14 @@ class LlamaRuntime:
             envelope.manifest, digest=envelope.digest, context_tokens=_context_tokens(envelope, runtime)
         )
 
-    def probe(self, model_file: Path, envelope: SignedManifest, runtime: RuntimeConfig) -> ProbeRecord:
+    def probe(
+        self, model_file: Path, envelope: SignedManifest, runtime: RuntimeConfig, adapter_file: Path | None = None
+    ) -> ProbeRecord:
         from slmops.runtime.backend import BackendConfig
         from slmops.runtime.probe import ProbeConfig, probe_model_file
 
         info = self._info(envelope, runtime)
-        config = BackendConfig(context_tokens=info.context_tokens, threads=runtime.threads)
+        config = BackendConfig(context_tokens=info.context_tokens, threads=runtime.threads, lora_path=adapter_file)
         result = probe_model_file(
             model_file,
             info,
@@ -98,7 +117,9 @@ class LlamaRuntime:
         )
         return ProbeRecord(ok=result.ok, reason=result.reason, decode_tokens_per_s=result.decode_tokens_per_s)
 
-    def serve(self, model_file: Path, envelope: SignedManifest, runtime: RuntimeConfig) -> None:
+    def serve(
+        self, model_file: Path, envelope: SignedManifest, runtime: RuntimeConfig, adapter_file: Path | None = None
+    ) -> None:
         from slmops.runtime.backend import BackendConfig, LlamaCppBackend
         from slmops.runtime.host import ModelHost
         from slmops.runtime.metrics import ServerMetrics
@@ -112,6 +133,7 @@ class LlamaRuntime:
             threads=runtime.threads,
             prompt_nll_sample_rate=self.prompt_nll_sample_rate,
             prompt_nll_max_tokens=self.prompt_nll_max_tokens,
+            lora_path=adapter_file,
         )
         backend = LlamaCppBackend.load(model_file, info.model_id, config)
         if self._host is None:
@@ -125,7 +147,14 @@ class LlamaRuntime:
             metrics = ServerMetrics()
             for collect in self._collectors:
                 metrics.add_collector(collect)
-            app = create_app(self._host, stats=self._stats, metrics=metrics)
+            app = create_app(
+                self._host,
+                stats=self._stats,
+                metrics=metrics,
+                policy=self.policy,
+                feedback=self.feedback_store,
+                on_rated=self.on_rated,
+            )
             self._server = LocalServer(app, port=runtime.port).start()
 
     def stop_serving(self) -> None:

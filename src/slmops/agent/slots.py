@@ -5,6 +5,11 @@ hard-linked from the blob cache (copied when the filesystem cannot link). A slot
 and renamed into place, so a slot directory that exists is complete. ``slots/current`` points at the active slot
 and ``slots/previous`` at the one to roll back to; each is replaced with ``os.replace`` of a fresh symlink followed
 by an fsync of the directory, so at every moment ``current`` names a whole slot, old or new.
+
+The slot of an adapter version (:mod:`slmops.core.adapters`) holds the pair: ``manifest.json`` and ``files/`` are
+the adapter's, ``base.json`` and ``base/<path>`` its base's. Every slot has its own hard links, so removing one slot
+(a base-only slot after a pair was committed, say) never takes files from another, and a pair staged over a base
+that is already in the blob cache needs only the adapter's blobs.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from slmops.agent._files import atomic_write, fsync_dir
+from slmops.core.adapters import adapter_base
 from slmops.core.manifest import SignedManifest
 from slmops.errors import IntegrityError, NotFoundError
 from slmops.registry.blobstore import DirectoryBlobStore, hash_file
@@ -54,40 +60,80 @@ class Slots:
         except FileNotFoundError:
             raise NotFoundError(f"version {digest} has no slot in {self.root}") from None
 
-    def model_file(self, digest: str) -> Path:
-        """The file a runtime loads: the first GGUF file of the version (sorted by path)."""
-        manifest = self.manifest(digest).manifest
+    def base_manifest(self, digest: str) -> SignedManifest | None:
+        """The base's envelope when the slot of ``digest`` holds an adapter version, else None."""
+        try:
+            return SignedManifest.from_json((self.path(digest) / "base.json").read_bytes())
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _first_gguf(envelope: SignedManifest, directory: Path) -> Path:
+        manifest = envelope.manifest
         for entry in manifest.files:
             if entry.path.endswith(".gguf"):
-                return self.path(digest) / "files" / entry.path
+                return directory / entry.path
         raise NotFoundError(f"{manifest.name}@{manifest.version} has no .gguf file; this agent serves GGUF only")
 
-    def stage(self, envelope: SignedManifest) -> Path:
-        """Build the slot of a version from cached blobs; a no-op when it exists already."""
+    def model_file(self, digest: str) -> Path:
+        """The file a runtime loads: the first GGUF file of the version (sorted by path); for an adapter version,
+        its base's."""
+        base = self.base_manifest(digest)
+        if base is not None:
+            return self._first_gguf(base, self.path(digest) / "base")
+        return self._first_gguf(self.manifest(digest), self.path(digest) / "files")
+
+    def adapter_file(self, digest: str) -> Path | None:
+        """The GGUF LoRA adapter a runtime loads over :meth:`model_file` for an adapter version; None otherwise."""
+        if self.base_manifest(digest) is None:
+            return None
+        return self._first_gguf(self.manifest(digest), self.path(digest) / "files")
+
+    def _link_files(self, envelope: SignedManifest, files: Path) -> None:
+        for entry in envelope.manifest.files:
+            source = self.cache.path(entry.digest)
+            if not source.is_file():
+                raise NotFoundError(f"blob {entry.digest} of {entry.path} is not in the cache; download it first")
+            target = files / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+                with target.open("rb+") as handle:
+                    os.fsync(handle.fileno())
+            if target.stat().st_size != entry.size:
+                raise IntegrityError(f"{entry.path} has {target.stat().st_size} bytes, expected {entry.size}")
+
+    def stage(self, envelope: SignedManifest, base: SignedManifest | None = None) -> Path:
+        """Build the slot of a version from cached blobs (with ``base``, the base of an adapter version, the pair);
+        a no-op when it exists already."""
         final = self.path(envelope.digest)
         if final.is_dir():
             return final
+        wanted = adapter_base(envelope.manifest)
+        if wanted != (base.digest if base is not None else None):
+            m = envelope.manifest
+            raise IntegrityError(
+                f"{m.name}@{m.version} names the base {wanted or 'none'}, but the base given is "
+                f"{base.digest if base is not None else 'none'}; the desired state is inconsistent"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"{_TMP}{_hex(envelope.digest)[:16]}-{secrets.token_hex(4)}"
         try:
             files = tmp / "files"
             files.mkdir(parents=True)
-            for entry in envelope.manifest.files:
-                source = self.cache.path(entry.digest)
-                if not source.is_file():
-                    raise NotFoundError(f"blob {entry.digest} of {entry.path} is not in the cache; download it first")
-                target = files / entry.path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(source, target)
-                except OSError:
-                    shutil.copyfile(source, target)
-                    with target.open("rb+") as handle:
-                        os.fsync(handle.fileno())
-                if target.stat().st_size != entry.size:
-                    raise IntegrityError(f"{entry.path} has {target.stat().st_size} bytes, expected {entry.size}")
+            self._link_files(envelope, files)
+            directories = {files}
+            if base is not None:
+                (tmp / "base").mkdir()
+                self._link_files(base, tmp / "base")
+                atomic_write(tmp / "base.json", base.to_json().encode("utf-8"), 0o644)
+                directories.add(tmp / "base")
             atomic_write(tmp / "manifest.json", envelope.to_json().encode("utf-8"), 0o644)
-            for directory in sorted({p.parent for p in files.rglob("*")} | {files}, key=lambda p: -len(p.parts)):
+            for top in list(directories):
+                directories |= {p.parent for p in top.rglob("*")}
+            for directory in sorted(directories | {tmp}, key=lambda p: -len(p.parts)):
                 fsync_dir(directory)
             os.rename(tmp, final)
             fsync_dir(self.root)
@@ -97,14 +143,20 @@ class Slots:
         return final
 
     def verify(self, digest: str) -> None:
-        """Re-hash every file of a slot against its manifest; raises IntegrityError on the first mismatch."""
-        manifest = self.manifest(digest).manifest
-        for entry in manifest.files:
-            ref = hash_file(self.path(digest) / "files" / entry.path)
-            if ref.digest != entry.digest or ref.size != entry.size:
-                raise IntegrityError(
-                    f"{entry.path} in slot {_hex(digest)[:12]}: expected {entry.digest}, got {ref.digest}"
-                )
+        """Re-hash every file of a slot (a pair: the base's too) against its manifest; raises IntegrityError on the
+        first mismatch."""
+        parts = [(self.manifest(digest), "files")]
+        base = self.base_manifest(digest)
+        if base is not None:
+            parts.append((base, "base"))
+        for envelope, directory in parts:
+            for entry in envelope.manifest.files:
+                ref = hash_file(self.path(digest) / directory / entry.path)
+                if ref.digest != entry.digest or ref.size != entry.size:
+                    raise IntegrityError(
+                        f"{directory}/{entry.path} in slot {_hex(digest)[:12]}: expected {entry.digest}, "
+                        f"got {ref.digest}"
+                    )
 
     def _link(self, name: str) -> str | None:
         try:
@@ -158,7 +210,9 @@ class Slots:
         return target
 
     def gc(self, keep: set[str]) -> list[str]:
-        """Remove slots not in ``keep`` (and leftovers of interrupted staging); returns the removed digests."""
+        """Remove slots not in ``keep`` (and leftovers of interrupted staging); returns the removed digests.
+
+        A pair slot holds its own links to its base's files, so removing the base's own slot is safe."""
         removed: list[str] = []
         keep = keep | {d for d in (self.current(), self.previous()) if d is not None}
         if not self.root.is_dir():

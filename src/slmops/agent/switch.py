@@ -178,7 +178,12 @@ class SlotSwitch:
         if on_probation:
             pause("before_serve")
         try:
-            ctx.runtime.serve(ctx.slots.model_file(current), ctx.slots.manifest(current), ctx.runtime_config())
+            ctx.runtime.serve(
+                ctx.slots.model_file(current),
+                ctx.slots.manifest(current),
+                ctx.runtime_config(),
+                adapter_file=ctx.slots.adapter_file(current),
+            )
         except SLMOpsError as exc:
             ctx.state.health_failures = ctx.config.policy.max_health_failures
             ctx.state.health = "failing"

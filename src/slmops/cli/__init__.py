@@ -48,9 +48,12 @@ def _register() -> None:
         alerts,
         blueprint,
         cost,
+        dataset,
         demo,
         device,
         drift,
+        feedback,
+        improve,
         keys,
         model,
         optimize,
@@ -59,6 +62,7 @@ def _register() -> None:
         serve,
         server,
         sim,
+        site,
         telemetry,
         tokens,
     )
@@ -77,9 +81,13 @@ def _register() -> None:
     app.add_typer(telemetry.app, name="telemetry")
     app.add_typer(drift.app, name="drift")
     app.add_typer(alerts.app, name="alerts")
+    app.add_typer(feedback.app, name="feedback")
+    app.add_typer(dataset.app, name="dataset")
+    app.command("improve")(improve.improve)
     app.command("cost")(cost.cost)
     app.add_typer(agent.app, name="agent")
     app.add_typer(rollout.app, name="rollout")
+    app.add_typer(site.app, name="site")
     app.command("serve")(serve.serve)
     app.command("demo")(demo.demo)
     app.command("sim")(sim.sim)

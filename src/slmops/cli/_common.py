@@ -14,7 +14,9 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskProgressColumn,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
@@ -22,7 +24,7 @@ from rich.progress import (
 from slmops.registry.blobstore import Progress as ProgressCallback
 from slmops.registry.service import ProgressFactory
 
-__all__ = ["byte_progress", "console", "err_console", "human_bytes", "print_json", "print_result"]
+__all__ = ["byte_progress", "console", "err_console", "human_bytes", "print_json", "print_result", "progress_bars"]
 
 T = TypeVar("T", bound=BaseModel | Sequence[BaseModel])
 
@@ -76,6 +78,33 @@ def byte_progress(enabled: bool = True) -> Iterator[ProgressFactory]:
             bars.update(task, advance=done)
 
         return advance
+
+    with bars:
+        yield factory
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[Any]:
+    """Rich progress bars on stderr, one per description; a factory of progress callbacks (off when not a tty)."""
+    bars = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not enabled or not err_console.is_terminal,
+    )
+    tasks: dict[str, Any] = {}
+
+    def factory(description: str) -> Any:
+        task = tasks.get(description)
+        if task is None:
+            task = tasks[description] = bars.add_task(description, total=None)
+
+        def update(done: float, total: float) -> None:
+            bars.update(task, completed=done, total=total)
+
+        return update
 
     with bars:
         yield factory

@@ -76,7 +76,9 @@ class Step(Protocol):
 
     workdir: Path
 
-    def run(self, title: str, home: Path, *args: str, env: dict[str, str] | None = None, expect: int = 0) -> None: ...
+    def run(
+        self, title: str, home: Path, *args: str, env: dict[str, str] | None = None, expect: int | tuple[int, ...] = 0
+    ) -> int: ...
 
     def capture(self, home: Path, *args: str, env: dict[str, str] | None = None) -> Any: ...
 

@@ -63,6 +63,15 @@ def agent(
         "--api-port",
         help="Serve the local API on this port instead of the blueprint's (several agents per host).",
     ),
+    feedback_opt_in: bool = typer.Option(
+        False,
+        "--feedback-opt-in",
+        help=(
+            "This site consents to sending redacted feedback samples (rated prompts and answers) to the control "
+            "plane, where the blueprint's spec.feedback.mode is opt_in too. Off by default; the control plane "
+            "cannot turn it on."
+        ),
+    ),
     once: bool = typer.Option(False, "--once", help="One reconcile pass, then exit (for scripts and tests)."),
 ) -> None:
     """Run the agent: enroll once, then poll, reconcile and serve until stopped (SIGTERM or Ctrl-C).
@@ -88,6 +97,7 @@ def agent(
         api_port=api_port,
         telemetry_window_s=telemetry_window_s,
         prompt_nll_sample_rate=prompt_nll_sample_rate,
+        feedback_opt_in=feedback_opt_in,
     )
     stop = threading.Event()
 

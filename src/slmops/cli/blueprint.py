@@ -13,6 +13,7 @@ from slmops.cli._common import console, print_result
 from slmops.cli._remote import JsonOpt, ServerOpt, TokenOpt, client
 from slmops.control.client import OperatorClient
 from slmops.control.schemas import ApplyResult, BlueprintPublic, PlanPublic
+from slmops.core.sites import describe
 from slmops.errors import NotFoundError
 
 __all__ = ["app", "apply", "plan"]
@@ -61,7 +62,14 @@ def _print_plan(result: PlanPublic) -> None:
     state = f"would become revision {result.revision}" if result.spec_changed else "unchanged"
     console.print(f"blueprint {result.name}: {state}")
     table = Table(
-        Column("device", no_wrap=True), "class", "change", "from", "to", Column("winner", no_wrap=True), "matched"
+        Column("device", no_wrap=True),
+        "class",
+        "change",
+        "from",
+        "to",
+        Column("winner", no_wrap=True),
+        "matched",
+        "site (local)",
     )
     for e in result.entries:
         table.add_row(
@@ -72,10 +80,18 @@ def _print_plan(result: PlanPublic) -> None:
             e.after or "-",
             e.winner or "-",
             ", ".join(e.matched),
+            f"{e.local.site}: {describe(e.local)}" if e.local is not None else "-",
         )
     console.print(table)
     changes = sum(1 for e in result.entries if e.change != "unchanged")
     console.print(f"{changes} device(s) would change")
+    dropped = [(e, reason) for e in result.entries if e.local is not None for reason in e.local.dropped]
+    if dropped:
+        console.print("site adaptations dropped:")
+        for e, reason in dropped:
+            console.print(
+                f"  {e.device_id} (site {e.local.site if e.local else '-'}): {reason}", highlight=False, soft_wrap=True
+            )
     _print_warnings(result.warnings)
 
 

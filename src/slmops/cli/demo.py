@@ -17,7 +17,7 @@ from typing import Any
 
 import typer
 
-from slmops.cli import _demo_watch
+from slmops.cli import _demo_improve, _demo_watch
 from slmops.cli._common import console
 from slmops.errors import ConfigError, SLMOpsError
 
@@ -68,13 +68,16 @@ class _Demo:
         console.rule(f"[bold]{self.count}. {title}")
         console.print(f"[dim]$ SLMOPS_HOME={shown_home} slmops {shlex.join(args)}[/]")
 
-    def run(self, title: str, home: Path, *args: str, env: dict[str, str] | None = None, expect: int = 0) -> None:
+    def run(
+        self, title: str, home: Path, *args: str, env: dict[str, str] | None = None, expect: int | tuple[int, ...] = 0
+    ) -> int:
         self._show(title, home, args)
         started = time.monotonic()
         completed = subprocess.run([sys.executable, "-m", "slmops", *args], env=self._env(home, env), check=False)
-        if completed.returncode != expect:
+        if completed.returncode not in (expect if isinstance(expect, tuple) else (expect,)):
             raise SLMOpsError(f"demo step {self.count} ({title}) failed with exit code {completed.returncode}")
         console.print(f"[dim]({time.monotonic() - started:.1f} s)[/]")
+        return completed.returncode
 
     def capture(self, home: Path, *args: str, env: dict[str, str] | None = None) -> Any:
         completed = subprocess.run(
@@ -221,10 +224,12 @@ def _fleet_on(step: _Demo, central: Path, url: str, watch: _demo_watch.Watch) ->
         return _devices(url, token)
 
     step.wait("three enrolled devices", lambda: len(devices()) == len(_DEMO_DEVICES), 90)
+    real = {d["id"] for d in devices()}
     _apply_blueprint(step, central, operator, devices)
     _chat(step, _DEMO_DEVICES[0][0], api_ports[_DEMO_DEVICES[0][0]])
     if _rollouts(step, central, url, operator, devices):
         _demo_watch.show_the_way_back(step, central, operator, url, watch)
+        _demo_improve.close_the_loop(step, central, operator, url, api_ports, real, _BLUEPRINT, devices)
 
 
 def _stay_up(step: _Demo) -> None:
@@ -316,7 +321,7 @@ def _start_agents(step: _Demo, url: str, enroll: str) -> dict[str, int]:
             step.workdir / "agents" / name,
             "agent", "--server", url, "--enroll-token", enroll, "--data-dir", str(step.workdir / "agents" / name),
             "--memory-bytes", str(gib * _GIB), "--poll-interval-s", "1", "--probation-s", "5",
-            "--api-port", str(api_ports[name]), "--telemetry-window-s", "3",
+            "--api-port", str(api_ports[name]), "--telemetry-window-s", "3", "--feedback-opt-in",
         )  # fmt: skip
     return api_ports
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperGroup
 
-from slmops.cli._common import console, err_console, human_bytes, print_json
+from slmops.cli._common import console, human_bytes, print_json, progress_bars
 from slmops.registry import Registry
 
 
@@ -30,32 +27,6 @@ app = typer.Typer(
     help="Optimize a model with a recipe, and compare its variants.\n\nExample: slmops optimize recipes/default.yaml",
     no_args_is_help=True,
 )
-
-
-@contextmanager
-def _bars(enabled: bool) -> Iterator[Any]:
-    bars = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        disable=not enabled or not err_console.is_terminal,
-    )
-    tasks: dict[str, Any] = {}
-
-    def factory(description: str) -> Any:
-        task = tasks.get(description)
-        if task is None:
-            task = tasks[description] = bars.add_task(description, total=None)
-
-        def update(done: float, total: float) -> None:
-            bars.update(task, completed=done, total=total)
-
-        return update
-
-    with bars:
-        yield factory
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -102,7 +73,7 @@ def run_command(
     parsed = load_recipe(recipe)
     registry = Registry.open()
     try:
-        with _bars(not json_out) as factory:
+        with progress_bars(not json_out) as factory:
             result = run_recipe(registry, parsed, progress_factory=factory)
         if json_out:
             print_json(result.to_json())

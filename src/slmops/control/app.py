@@ -26,8 +26,10 @@ from slmops.control import (
     routes_agent,
     routes_alerts,
     routes_drift,
+    routes_feedback,
     routes_operator,
     routes_rollouts,
+    routes_sites,
     routes_telemetry,
 )
 from slmops.control.metrics import install_metrics
@@ -198,6 +200,8 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
     app.include_router(routes_rollouts.router, prefix=API_PREFIX)
     app.include_router(routes_alerts.router, prefix=API_PREFIX)
     app.include_router(routes_drift.router, prefix=API_PREFIX)
+    app.include_router(routes_feedback.router, prefix=API_PREFIX)
+    app.include_router(routes_sites.router, prefix=API_PREFIX)
     if settings.ui:
         from slmops.ui import install_ui
 

@@ -20,6 +20,7 @@ from slmops.control.db import BlueprintRow
 from slmops.control.devices import device_facts
 from slmops.control.repository import ControlRepository
 from slmops.control.schemas import ApplyResult, BlueprintPublic, PlanEntry, PlanPublic
+from slmops.control.sites import load_site_adaptations
 from slmops.core.blueprint import Blueprint, blueprint_from_value, parse_blueprint
 from slmops.core.candidates import version_label
 from slmops.core.desired import AppliedBlueprint, desired_state, ranked_matches
@@ -79,6 +80,7 @@ def plan_blueprint(plane: ControlPlane, source: str) -> PlanPublic:
         changed = current is None or current.digest != blueprint.digest
         revision = repo.latest_blueprint_revision(blueprint.name) + 1 if changed else current.revision  # type: ignore[union-attr]
         devices = [device_facts(row) for row in repo.devices(["approved"])]
+        sites = load_site_adaptations(session)
     before = applied_blueprints(rows)
     after = [b for b in before if b.blueprint.name != blueprint.name] + [AppliedBlueprint(blueprint, revision)]
     cache = CandidateCache(plane.registry)
@@ -87,8 +89,8 @@ def plan_blueprint(plane: ControlPlane, source: str) -> PlanPublic:
         matched_before = ranked_matches(facts, before)
         matched_after = ranked_matches(facts, after)
         ours = blueprint.name in {b.blueprint.name for b in matched_after + matched_before}
-        old = desired_state(facts, before, cache.for_blueprints(matched_before[:1]))
-        new = desired_state(facts, after, cache.for_blueprints(matched_after[:1]))
+        old = desired_state(facts, before, cache.for_blueprints(matched_before[:1]), sites)
+        new = desired_state(facts, after, cache.for_blueprints(matched_after[:1]), sites)
         change = _change(old, new)
         if not ours and change == "unchanged":
             continue
@@ -105,6 +107,7 @@ def plan_blueprint(plane: ControlPlane, source: str) -> PlanPublic:
                 after_digest=new.model.digest if new.model else None,
                 change=change,
                 reason=new.reason,
+                local=new.local if new.local.site is not None else None,
             )
         )
     return PlanPublic(
@@ -177,7 +180,7 @@ def _change(old: DesiredState, new: DesiredState) -> str:
         return "remove"
     if old.model.digest != new.model.digest:
         return "update"
-    if old.runtime != new.runtime or old.adaptations != new.adaptations:
+    if old.runtime != new.runtime or old.adaptations != new.adaptations or old.local != new.local:
         return "reconfigure"
     return "unchanged"
 

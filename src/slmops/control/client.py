@@ -8,7 +8,9 @@ that cannot be reached becomes :class:`~slmops.errors.UnavailableError`. Tests m
 from __future__ import annotations
 
 import os
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
@@ -31,6 +33,13 @@ from slmops.control.schemas import (
 )
 from slmops.core.wire import API_PREFIX, DesiredState
 from slmops.errors import ConfigError, SLMOpsError, UnavailableError
+
+if TYPE_CHECKING:
+    from slmops.control.feedback import CurateResult, FeedbackPage
+    from slmops.control.sites import SitePublic
+    from slmops.core.adaptation import SiteAdaptation
+    from slmops.feedback.curate import CurationParams, FeedbackRecord
+    from slmops.registry.datasets import DatasetSummary, DatasetVersion
 
 __all__ = ["DEFAULT_SERVER_URL", "OperatorClient", "error_for"]
 
@@ -231,3 +240,112 @@ class OperatorClient:
 
     def promote_rollout(self, release_id: str) -> ReleasePublic:
         return self._one(ReleasePublic, "POST", f"/rollouts/{release_id}/promote")
+
+    # ------------------------------------------------------------------ feedback and datasets
+
+    def feedback(
+        self,
+        *,
+        version: str | None = None,
+        device_class: str | None = None,
+        rating: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> FeedbackPage:
+        """One page of stored feedback samples (oldest first); pass the page's ``next`` as ``after``."""
+        from slmops.control.feedback import FeedbackPage
+
+        given = {"version": version, "device_class": device_class, "rating": rating, "since": since}
+        given |= {"until": until, "after": after}
+        params: dict[str, Any] = {k: v for k, v in given.items() if v is not None} | {"limit": limit}
+        return self._one(FeedbackPage, "GET", "/feedback", params=params)
+
+    def iter_feedback(
+        self,
+        *,
+        version: str | None = None,
+        device_class: str | None = None,
+        rating: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        page_size: int = 500,
+    ) -> Iterator[FeedbackRecord]:
+        """Every stored sample the filters (those of :meth:`feedback`) select, page by page."""
+        after: str | None = None
+        while True:
+            page = self.feedback(
+                version=version,
+                device_class=device_class,
+                rating=rating,
+                since=since,
+                until=until,
+                after=after,
+                limit=page_size,
+            )
+            yield from page.samples
+            if page.next is None:
+                return
+            after = page.next
+
+    def curate(self, name: str, params: CurationParams) -> CurateResult:
+        """Curate stored feedback into the next version of dataset ``name`` (or the existing same one)."""
+        from slmops.control.feedback import CurateRequest, CurateResult
+
+        body = CurateRequest(name=name, params=params).model_dump(mode="json")
+        return self._one(CurateResult, "POST", "/datasets", json=body)
+
+    def datasets(self) -> list[DatasetSummary]:
+        from slmops.registry.datasets import DatasetSummary
+
+        return self._many(DatasetSummary, "/datasets")
+
+    def dataset_versions(self, name: str) -> list[DatasetVersion]:
+        from slmops.registry.datasets import DatasetVersion
+
+        return self._many(DatasetVersion, f"/datasets/{name}/versions")
+
+    def dataset(self, ref: str) -> DatasetVersion:
+        """A dataset version by NAME, NAME@v2, NAME@latest or NAME@sha256:..."""
+        from slmops.registry.datasets import DatasetVersion
+
+        name, _, selector = ref.partition("@")
+        return self._one(DatasetVersion, "GET", f"/datasets/{name}/versions/{selector or 'latest'}")
+
+    def export_dataset(self, ref: str, directory: Path) -> list[Path]:
+        """Download a dataset version's files (checked against their digests) and its ``manifest.json``."""
+        import hashlib
+
+        from slmops.core.manifest import canonical_json
+        from slmops.errors import IntegrityError
+        from slmops.registry.datasets import write_atomic
+
+        version = self.dataset(ref)
+        directory.mkdir(parents=True, exist_ok=True)
+        written = []
+        for entry in version.manifest.files:
+            data = self._request("GET", f"/blobs/{entry.digest}").content
+            if "sha256:" + hashlib.sha256(data).hexdigest() != entry.digest:
+                raise IntegrityError(
+                    f"{entry.path} of {version.reference} arrived with other bytes than its digest {entry.digest}; "
+                    "nothing was written for it: retry the export"
+                )
+            written.append(write_atomic(directory / entry.path, data))
+        written.append(write_atomic(directory / "manifest.json", canonical_json(version.model_dump(mode="json"))))
+        return written
+
+    # ------------------------------------------------------------------------------------------------- sites
+
+    def site(self, name: str) -> SitePublic:
+        """``GET /api/v1/sites/{site}``: what a site set, and what is in effect per device class."""
+        from slmops.control.sites import SitePublic, validate_site_name
+
+        return self._one(SitePublic, "GET", f"/sites/{validate_site_name(name)}")
+
+    def set_site(self, name: str, adaptation: SiteAdaptation) -> SitePublic:
+        """``PUT /api/v1/sites/{site}`` (an empty adaptation removes what the site set)."""
+        from slmops.control.sites import SitePublic, validate_site_name
+
+        body = adaptation.model_dump(mode="json", exclude_none=True)
+        return self._one(SitePublic, "PUT", f"/sites/{validate_site_name(name)}", json=body)

@@ -218,3 +218,5 @@ class DriftReferenceRow(Base):
 # The alerts' tables live in their own module on the same metadata; imported here so that whoever sees these
 # tables (the app, migrations, their test) sees those too.
 from slmops.control import alert_tables as _alert_tables  # noqa: E402,F401
+from slmops.control import feedback_tables as _feedback_tables  # noqa: E402,F401
+from slmops.control import site_tables as _site_tables  # noqa: E402,F401

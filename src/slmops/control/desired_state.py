@@ -5,7 +5,11 @@ releases with their canaries, and the registry versions the blueprints can resol
 every ``desired_cache_ttl_s`` (and at once after a change made through this process), so a poll costs one device
 read instead of reading every blueprint and walking the registry; other replicas, and registry changes made by
 other processes, are seen within the TTL. A recorded canary of a running or paused release gets the release's new
-version; every other device gets its winning blueprint as applied.
+version; every other device gets its winning blueprint as applied. The site adaptations (:mod:`slmops.control.sites`)
+are part of the world too; each device's is resolved against its winning blueprint's limits.
+
+An adapter version's desired model carries its base (``DesiredModel.base``): such a device may download the blobs
+of both.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from slmops.control._candidates import CandidateCache
 from slmops.control.blueprints import applied_blueprints
 from slmops.control.devices import device_facts, require_device
 from slmops.control.repository import ControlRepository
+from slmops.control.sites import load_site_adaptations
+from slmops.core.adaptation import SiteAdaptation
 from slmops.core.desired import AppliedBlueprint, DeviceFacts, desired_state, generation_of, ranked_matches
 from slmops.core.wire import DesiredState
 
@@ -53,6 +59,7 @@ class World:
     applied: list[AppliedBlueprint]
     releases: dict[str, ActiveRelease]  # by blueprint name
     candidates: CandidateCache
+    sites: dict[str, SiteAdaptation] = field(default_factory=dict)  # what each site set, by site name
     memo: dict[str, tuple[tuple[object, ...], DesiredState]] = field(default_factory=dict)
 
 
@@ -91,6 +98,7 @@ class WorldCache:
                     )
                     for row in repo.active_releases()
                 }
+                sites = load_site_adaptations(session)
             candidates = CandidateCache(plane.registry)
             references = [b.blueprint.spec.model.reference for b in applied]
             references += [f"{r.to_name}@{r.to_digest}" for r in releases.values()]
@@ -98,12 +106,14 @@ class WorldCache:
                 tuple((b.label, b.blueprint.digest) for b in applied),
                 tuple(sorted((r.id, r.stage_index, r.to_digest, r.members) for r in releases.values())),
                 tuple((ref, tuple(e.digest for e in candidates.get(ref).versions)) for ref in references),
+                tuple((ref, tuple(e.digest for e in candidates.get(ref).adapters)) for ref in references),
+                tuple((name, a.model_dump_json()) for name, a in sorted(sites.items())),
             )
             if world is not None and world.signature == signature:
                 world.loaded_at = now  # nothing changed: keep the memoised states
                 return world
             self._key += 1
-            world = World(self._key, now, signature, applied, releases, candidates)
+            world = World(self._key, now, signature, applied, releases, candidates, sites)
             self._world = world
             return world
 
@@ -129,11 +139,13 @@ def desired_state_for(plane: ControlPlane, device_id: str) -> DesiredState:
 
 
 def blob_allowed(plane: ControlPlane, device_id: str, digest: str) -> bool:
-    """Whether a device may download a blob: only the files of the version its desired state names."""
+    """Whether a device may download a blob: only the files of the version its desired state names (and of that
+    version's base when it is an adapter)."""
     state = desired_state_for(plane, device_id)
     if state.model is None:
         return False
-    return any(f.digest == digest for f in state.model.envelope.manifest.files)
+    envelopes = [state.model.envelope] + ([state.model.base] if state.model.base is not None else [])
+    return any(f.digest == digest for e in envelopes for f in e.manifest.files)
 
 
 def _desired_in(world: World, facts: DeviceFacts) -> DesiredState:
@@ -144,11 +156,11 @@ def _desired_in(world: World, facts: DeviceFacts) -> DesiredState:
         canary = _canary_blueprint(matched[0], release)
         applied = [canary if b is matched[0] else b for b in applied]
         matched = [canary, *matched[1:]]
-        state = desired_state(facts, applied, world.candidates.for_blueprints(matched[:1]))
+        state = desired_state(facts, applied, world.candidates.for_blueprints(matched[:1]), world.sites)
         reason = f"{state.reason} [canary of release {release.id}, stage {release.stage_index + 1}]"
         state = state.model_copy(update={"reason": reason})
         return state.model_copy(update={"generation": generation_of(state)})
-    return desired_state(facts, applied, world.candidates.for_blueprints(matched[:1]))
+    return desired_state(facts, applied, world.candidates.for_blueprints(matched[:1]), world.sites)
 
 
 def _canary_blueprint(applied: AppliedBlueprint, release: ActiveRelease) -> AppliedBlueprint:

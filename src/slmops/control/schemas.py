@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from slmops.core.adaptation import LocalAdaptation
 from slmops.core.rollout import RolloutPolicy
 from slmops.core.wire import Capabilities
 
@@ -183,6 +184,7 @@ class PlanEntry(_Schema):
     after_digest: str | None
     change: Change
     reason: str
+    local: LocalAdaptation | None = None  # the site adaptation in effect after the apply (what was dropped, and why)
 
 
 class PlanPublic(_Schema):

@@ -22,6 +22,9 @@
         # or: pin: q8_0                  # a variant name, a version label or a digest
       runtime: {threads: 4, context_tokens: 2048, port: 8089}
       adaptations: {system_prompt: true, adapter: false}
+      feedback: {mode: opt_in, sample_rate: 0.5}   # see slmops.core.feedback (off by default)
+      privacy: {dp: {epsilon_per_window: 1.0, epsilon_per_day: 24}}
+      local: {adapters: [lora-shop], system_prompt_max_chars: 600}   # see slmops.core.adaptation
       rollout:                           # optional: how releases move (defaults: core.rollout.RolloutPolicy)
         stages: [0.01, 0.1, 0.5, 1.0]
         soak_s: 600
@@ -41,6 +44,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slmops.core.adaptation import LocalLimits
+from slmops.core.feedback import FeedbackPolicy, PrivacyPolicy
 from slmops.core.manifest import canonical_json, digest_bytes
 from slmops.core.rollout import RolloutPolicy
 from slmops.core.selection import VariantPolicy
@@ -175,6 +180,9 @@ class BlueprintSpec(_Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     adaptations: AllowedAdaptations = Field(default_factory=AllowedAdaptations)
     rollout: RolloutPolicy | None = None  # how releases of this blueprint move; None = the defaults
+    feedback: FeedbackPolicy = Field(default_factory=FeedbackPolicy)  # see slmops.core.feedback
+    privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy)
+    local: LocalLimits = Field(default_factory=LocalLimits)  # see slmops.core.adaptation
 
 
 class Metadata(_Strict):
@@ -206,6 +214,14 @@ class Blueprint(_Strict):
         value = self.model_dump(mode="json", by_alias=True)
         if value["spec"].get("rollout") is None:
             value["spec"].pop("rollout", None)  # absent, so blueprints written before it keep their digests
+        defaults = {
+            "feedback": FeedbackPolicy().model_dump(mode="json"),
+            "privacy": PrivacyPolicy().model_dump(mode="json"),
+            "local": LocalLimits().model_dump(mode="json"),
+        }
+        for key, default in defaults.items():
+            if value["spec"].get(key) == default:
+                value["spec"].pop(key)  # likewise for the fields added later
         return value
 
     @property

@@ -14,6 +14,7 @@ device profile, ``peak_rss_bytes@<profile>``, ``decode_tokens_per_s@<profile>``,
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from slmops.core.device_profiles import DeviceProfile
 from slmops.core.manifest import Manifest, SignedManifest
@@ -23,6 +24,7 @@ __all__ = [
     "candidate_from_manifest",
     "candidates_from_manifests",
     "estimated_memory_bytes",
+    "pair_candidate",
     "profile_metric",
     "version_label",
 ]
@@ -72,6 +74,24 @@ def candidate_from_manifest(
         perplexity=metrics.get("perplexity"),
         accuracy=metrics.get("accuracy"),
         decode_tokens_per_s=speed,
+    )
+
+
+def pair_candidate(
+    adapter: SignedManifest, base: SignedManifest, profile: DeviceProfile | None = None, context_tokens: int = 2048
+) -> VariantCandidate:
+    """A chooser candidate for an adapter version, which runs over its base: size and memory are the pair's, quality
+    and speed the adapter's own measurements. The base's memory is its need at the context (as for any version);
+    the adapter adds its tensors, i.e. its file bytes (llama.cpp holds them in memory beside the base's weights; the
+    context and KV cache are the base's, so an estimate or peak RSS of the adapter's own would count them twice)."""
+    own = candidate_from_manifest(adapter, profile, context_tokens)
+    under = candidate_from_manifest(base, profile, context_tokens)
+    return replace(
+        own,
+        size_bytes=own.size_bytes + under.size_bytes,
+        memory_bytes=adapter.manifest.total_size + under.memory_bytes,
+        base_label=under.label,
+        base_memory_bytes=under.memory_bytes,
     )
 
 

@@ -54,12 +54,14 @@ class Target:
 
 
 def target_of(desired: DesiredState | None) -> Target | None:
-    """The target of a desired state, or ``None`` when it names no model."""
+    """The target of a desired state, or ``None`` when it names no model. The blobs of an adapter version are its
+    base's files and its own (the slot holds the pair); those already cached are not downloaded again."""
     if desired is None or desired.model is None:
         return None
     manifest = desired.model.envelope.manifest
     blobs: dict[str, int] = {}
-    for entry in manifest.files:
+    base = desired.model.base
+    for entry in (*(base.manifest.files if base is not None else ()), *manifest.files):
         blobs.setdefault(entry.digest, entry.size)
     return Target(
         digest=desired.model.digest,

@@ -30,6 +30,10 @@ class VariantCandidate:
     perplexity: float | None = None  # lower is better; None when not evaluated
     accuracy: float | None = None  # higher is better; breaks perplexity ties
     decode_tokens_per_s: float | None = None  # measured for the device's class when known
+    # An adapter version runs over its base: then size_bytes and memory_bytes are the pair's, and these say how
+    # much of them is the base's (for explanations).
+    base_label: str | None = None
+    base_memory_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,12 +81,18 @@ def choose_variant(candidates: list[VariantCandidate], memory_bytes: int, policy
     feasible: list[VariantCandidate] = []
     for c in sorted(candidates, key=lambda c: c.digest):
         if c.memory_bytes > budget:
+            pair = (
+                f" (its base {c.base_label} {_gib(c.base_memory_bytes)} + the adapter "
+                f"{_gib(c.memory_bytes - c.base_memory_bytes)})"
+                if c.base_label is not None
+                else ""
+            )
             rejected.append(
                 Rejection(
                     c.digest,
                     c.label,
-                    f"does not fit: needs {_gib(c.memory_bytes)}, more than {policy.max_memory_fraction:.0%} of "
-                    f"{_gib(memory_bytes)} RAM ({_gib(budget)})",
+                    f"does not fit: needs {_gib(c.memory_bytes)}{pair}, more than {policy.max_memory_fraction:.0%} "
+                    f"of {_gib(memory_bytes)} RAM ({_gib(budget)})",
                 )
             )
         elif policy.min_decode_tokens_per_s is not None and (

@@ -23,8 +23,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from slmops.core._wire_base import Wire as _Wire
+from slmops.core.adaptation import LocalAdaptation
+from slmops.core.feedback import FeedbackPolicy, PrivacyPolicy
 from slmops.core.manifest import SignedManifest
 
 __all__ = [
@@ -57,11 +60,6 @@ __all__ = [
 
 API_PREFIX = "/api/v1"
 MAX_EVENTS_PER_REPORT = 100
-
-
-class _Wire(BaseModel):
-    # strict: JSON types exactly as the OpenAPI document says ("1" is no number, 0 no boolean)
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 class Capabilities(_Wire):
@@ -121,6 +119,10 @@ class DesiredModel(_Wire):
     digest: str  # manifest digest
     variant: str | None = None
     envelope: SignedManifest  # the signed manifest, so the agent verifies files and signature itself
+    # When the version is an adapter (see slmops.core.adapters): its base's signed manifest. The agent's slot holds
+    # the pair (base files + adapter files); the blob cache means only the adapter's bytes travel when the base was
+    # already there.
+    base: SignedManifest | None = None
 
 
 class DesiredState(_Wire):
@@ -129,6 +131,9 @@ class DesiredState(_Wire):
     model: DesiredModel | None = None
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     adaptations: AllowedAdaptations = Field(default_factory=AllowedAdaptations)
+    feedback: FeedbackPolicy = Field(default_factory=FeedbackPolicy)
+    privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy)
+    local: LocalAdaptation = Field(default_factory=LocalAdaptation)
     blueprint: str | None = None  # "name@revision" that produced this state
     reason: str = ""  # why this model/variant, or why none
 

@@ -58,8 +58,13 @@ class LlamaSession:
         max_outputs: int = 64,
         vocab_only: bool = False,
         cb_eval: Any = None,
+        lora_path: Path | None = None,
+        lora_scale: float = 1.0,
     ) -> None:
         self.model_path = Path(model_path)
+        self.lora_path = lora_path  # a GGUF LoRA adapter applied over the model (slmops.core.adapters)
+        self.lora_scale = lora_scale
+        self._adapter: Any = None
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.max_outputs = max_outputs
@@ -110,7 +115,24 @@ class LlamaSession:
                     "(out of memory?); try a smaller context"
                 )
             self._ctx = ctx
+            if self.lora_path is not None:
+                self._apply_adapter(lib)
         return self
+
+    def _apply_adapter(self, lib: Any) -> None:
+        adapter = lib.llama_adapter_lora_init(self._model, str(self.lora_path).encode())
+        if not adapter:
+            self.close()
+            raise RuntimeBackendError(
+                f"llama.cpp could not load the LoRA adapter {self.lora_path} over {self.model_path}; expected a GGUF "
+                "LoRA adapter (general.type = adapter) made for this base model's architecture and shapes"
+            )
+        self._adapter = adapter
+        adapters = (lib.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scales = (ctypes.c_float * 1)(self.lora_scale)
+        if lib.llama_set_adapters_lora(self._ctx, adapters, 1, scales) != 0:
+            self.close()
+            raise RuntimeBackendError(f"llama.cpp refused to apply the LoRA adapter {self.lora_path}")
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -121,6 +143,9 @@ class LlamaSession:
         if self._ctx:
             self._lib.llama_free(self._ctx)
             self._ctx = None
+        if self._adapter:
+            self._lib.llama_adapter_lora_free(self._adapter)
+            self._adapter = None
         if self._model:
             self._lib.llama_model_free(self._model)
             self._model = None

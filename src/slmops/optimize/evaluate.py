@@ -85,8 +85,9 @@ def perplexity(
     threads: int = 2,
     max_outputs: int = 64,
     progress: Progress | None = None,
+    lora_path: Path | None = None,
 ) -> tuple[float, int]:
-    """(perplexity, number of scored tokens) of ``tokens`` under the model."""
+    """(perplexity, number of scored tokens) of ``tokens`` under the model (with a LoRA adapter over it, if given)."""
     from slmops.optimize._llama import LlamaSession, log_softmax_at
 
     n_chunks = len(tokens) // context_tokens
@@ -98,7 +99,10 @@ def perplexity(
     total_nll = 0.0
     scored = 0
     first = context_tokens // 2
-    with LlamaSession(model_path, n_ctx=context_tokens, n_threads=threads, max_outputs=max_outputs) as s:
+    session = LlamaSession(
+        model_path, n_ctx=context_tokens, n_threads=threads, max_outputs=max_outputs, lora_path=lora_path
+    )
+    with session as s:
         for c in range(n_chunks):
             chunk = list(tokens[c * context_tokens : (c + 1) * context_tokens])
             if s.add_bos and s.bos is not None:
@@ -127,6 +131,7 @@ def accuracy(
     threads: int = 2,
     context_tokens: int = 512,
     progress: Progress | None = None,
+    lora_path: Path | None = None,
 ) -> float:
     """Fraction of items whose correct option has the highest summed log-likelihood after the prompt."""
     from slmops.optimize._llama import LlamaSession, log_softmax_at
@@ -135,7 +140,8 @@ def accuracy(
         raise RuntimeBackendError("no task items to score")
     correct = 0
     batch = 64
-    with LlamaSession(model_path, n_ctx=context_tokens, n_threads=threads, max_outputs=batch) as s:
+    session = LlamaSession(model_path, n_ctx=context_tokens, n_threads=threads, max_outputs=batch, lora_path=lora_path)
+    with session as s:
         for index, item in enumerate(tasks):
             s.clear()
             prompt = list(item.prompt)

@@ -78,7 +78,13 @@ ModelFileFormat = Literal["gguf", "safetensors", "onnx"]
 PassProgress = Callable[[float, float], None]
 """Called as ``progress(done, total)`` in any unit the pass likes; cheap, may be called often."""
 
-PASS_MODULES: tuple[str, ...] = ("slmops.optimize.gguf_passes", "slmops.optimize.torch_passes")
+PASS_MODULES: tuple[str, ...] = (
+    "slmops.optimize.gguf_passes",
+    "slmops.optimize.torch_passes",
+    "slmops.optimize.lora",
+    "slmops.optimize.gguf_lora",
+    "slmops.optimize.distill",
+)
 """Modules that define the built-in passes; imported (cheaply: no heavy imports at module level) on first lookup."""
 
 

@@ -41,8 +41,11 @@ if TYPE_CHECKING:
 __all__ = [
     "ProgressFactory",
     "RunResult",
+    "StepCache",
+    "StepOutcome",
     "VariantOutcome",
     "cache_dir",
+    "digest_path",
     "evaluate_file",
     "resolve_source",
     "run_recipe",
@@ -131,7 +134,9 @@ def _atomic_json(path: Path, value: Any) -> None:
     fsync_dir(path.parent)
 
 
-class _StepCache:
+class StepCache:
+    """The cache of pass outputs under ``root/steps``, keyed by (input digest, pass, version, canonical params)."""
+
     def __init__(self, root: Path) -> None:
         self.root = root / "steps"
 
@@ -155,7 +160,7 @@ class _StepCache:
             output = result.output_path.resolve()
             if not output.is_relative_to(work.resolve()):
                 raise InvalidModelError(f"pass '{pass_name}' wrote its output outside its work directory: {output}")
-            digest = _digest_path(output)
+            digest = digest_path(output)
             relative = output.relative_to(work.resolve()).as_posix()
             _atomic_json(work / "result.json", {"output": relative, "digest": digest, "report": result.report})
             try:
@@ -169,7 +174,7 @@ class _StepCache:
         return final / relative, digest, StepOutcome(pass_name, canonical, False, result.report)
 
 
-def _digest_path(path: Path) -> str:
+def digest_path(path: Path) -> str:
     """sha256 of a file, or of a directory's (relative path, file digest) list: the cache key of an input."""
     if path.is_file():
         return hash_file(path).digest
@@ -355,7 +360,7 @@ class _VariantMaker:
     registry: Registry
     recipe: Recipe
     source: SignedManifest
-    steps: _StepCache
+    steps: StepCache
     evaluation: _Evaluation
     progress_factory: ProgressFactory
     made: dict[tuple[tuple[str, str], ...], SignedManifest] = field(default_factory=dict)
@@ -431,7 +436,7 @@ def run_recipe(
     source_path = registry.blob_path(source.manifest.files[0].digest)
     evaluation = _Evaluation.prepare(recipe, source_path, root, progress_factory)
     source_metrics = evaluation.source_metrics(source, source_path) if recipe.evaluation.evaluate_source else {}
-    maker = _VariantMaker(registry, recipe, source, _StepCache(root), evaluation, progress_factory)
+    maker = _VariantMaker(registry, recipe, source, StepCache(root), evaluation, progress_factory)
     outcomes: list[VariantOutcome] = []
     for variant in recipe.variants:
         outcome = maker.make(variant)

@@ -34,6 +34,7 @@ from slmops.core.manifest import (
 from slmops.core.requirements import estimate_requirements
 from slmops.errors import ConflictError, IntegrityError, NotFoundError, SLMOpsError
 from slmops.registry.blobstore import BlobRef, DirectoryBlobStore, Progress
+from slmops.registry.datasets import dataset_blob_digests
 from slmops.registry.db import AliasRow, FileRow, ParentRow, VersionRow, make_engine, migrate
 from slmops.registry.signing import KeyRing, verify_envelope
 from slmops.registry.sources import inspect_source
@@ -404,7 +405,7 @@ class Registry:
         """Delete blobs no version references. Blobs younger than ``grace_s`` are kept: an import may be
         between writing its blobs and registering its manifest."""
         with Session(self.engine) as session:
-            referenced = set(session.scalars(select(FileRow.blob_digest).distinct()))
+            referenced = set(session.scalars(select(FileRow.blob_digest).distinct())) | dataset_blob_digests(session)
         now = self.clock().timestamp()
         removed: list[str] = []
         freed = 0

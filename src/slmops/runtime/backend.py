@@ -55,8 +55,12 @@ class BackendConfig:
     batch_tokens: int = 512
     prompt_nll_sample_rate: float = 0.05
     prompt_nll_max_tokens: int = 32
+    lora_path: Path | None = None  # a GGUF LoRA adapter loaded over the model (see slmops.core.adapters)
+    lora_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora_path, str):  # from JSON (the probe's child process)
+            object.__setattr__(self, "lora_path", Path(self.lora_path))
         if not 0.0 <= self.prompt_nll_sample_rate <= 1.0:
             raise ValueError(f"prompt_nll_sample_rate must be in [0, 1] (0 = off); got {self.prompt_nll_sample_rate}")
         if self.prompt_nll_max_tokens < 1:
@@ -209,6 +213,39 @@ def prompt_nll(llama: llama_cpp.Llama, tokens: Sequence[int], max_tokens: int) -
     return value if math.isfinite(value) else None
 
 
+def _attach_lora(llama_cpp: Any, llama: llama_cpp.Llama, model_id: str, path: Path, scale: float) -> None:
+    """Load the GGUF LoRA adapter at ``path`` over ``llama``'s model and make its context use it at ``scale``.
+
+    llama.cpp's ``llama_adapter_lora_init`` returns NULL for a file that is missing, is not a GGUF adapter
+    (``general.type = adapter``, ``adapter.type = lora``), was made for another architecture, or whose tensor shapes
+    do not match the model. llama-cpp-python 0.3.x's own ``Llama(lora_path=...)`` tests that NULL pointer against
+    ``None`` and so never notices, which is why the adapter is attached here. It is freed when the backend closes.
+    """
+    import ctypes
+
+    engine: Any = llama  # the model, context and exit stack are llama-cpp-python internals (0.3.x)
+    if not path.is_file():
+        raise RuntimeBackendError(
+            f"cannot load the LoRA adapter of '{model_id}': expected a GGUF adapter file at {path}, found none; "
+            "stage the adapter version again"
+        )
+    adapter = llama_cpp.llama_adapter_lora_init(engine._model.model, str(path).encode("utf-8"))
+    if not adapter:
+        raise RuntimeBackendError(
+            f"llama.cpp refused the LoRA adapter {path} for model '{model_id}': expected a GGUF LoRA adapter "
+            "(general.type=adapter, adapter.type=lora) made for this base model's architecture and tensor shapes; "
+            "export the adapter again for this base (slmops.optimize.gguf_lora) or choose the base it was trained on"
+        )
+    engine._stack.callback(llama_cpp.llama_adapter_lora_free, adapter)
+    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+    scales = (ctypes.c_float * 1)(scale)
+    if llama_cpp.llama_set_adapters_lora(engine._ctx.ctx, adapters, 1, scales):
+        raise RuntimeBackendError(
+            f"llama.cpp loaded the LoRA adapter {path} but could not apply it to model '{model_id}'; "
+            "check that the adapter was exported for this base model"
+        )
+
+
 class LlamaCppBackend:
     """A GGUF model run by llama.cpp (llama-cpp-python), on the CPU.
 
@@ -252,6 +289,12 @@ class LlamaCppBackend:
                 f"llama.cpp could not load model '{model_id}' from {model_path} ({exc}); expected a complete GGUF "
                 "model of an architecture llama.cpp supports: verify the file (slmops model verify) or re-import it"
             ) from exc
+        if config.lora_path is not None:
+            try:
+                _attach_lora(llama_cpp, llama, model_id, config.lora_path, config.lora_scale)
+            except BaseException:
+                llama.close()
+                raise
         return cls(llama, model_id, config)
 
     @property

@@ -179,7 +179,7 @@ def probe_model_file(
         env=env,
     ) as child:
         try:
-            out, err = child.communicate(json.dumps(request), timeout=timeout_s)
+            out, err = child.communicate(json.dumps(request, default=str), timeout=timeout_s)
         except subprocess.TimeoutExpired:
             child.kill()
             child.communicate()
