@@ -121,7 +121,7 @@ def close_the_loop(
     blueprint = step.workdir / "shop-assistant-feedback.yaml"
     text = blueprint_text.replace("ref: stable", f"ref: {base['version']}").rstrip("\n") + "\n" + _FEEDBACK
     blueprint.write_text(text)
-    console.print(blueprint.read_text(), highlight=False)
+    console.print(blueprint.read_text(), highlight=False, markup=False)
     step.run("plan: feedback allowed, site limits shown", central, "plan", "-f", str(blueprint), env=operator)
     step.run("apply it", central, "apply", "-f", str(blueprint), env=operator)
     time.sleep(5)  # the agents poll every second; the new policy needs no model reload
@@ -147,7 +147,7 @@ def close_the_loop(
     )  # fmt: skip
     recipe = step.workdir / "improve-shop.yaml"
     recipe.write_text(_RECIPE.format(base=base["version"], answer_format=ANSWER_FORMAT.replace("'", "''")))
-    console.print(recipe.read_text(), highlight=False)
+    console.print(recipe.read_text(), highlight=False, markup=False)
     code = step.run(
         "improve: train a LoRA adapter on it, gate it against its base, register it, release it",
         central, "improve", str(recipe), "--server", url,
