@@ -49,7 +49,7 @@ from slmops.errors import InvalidModelError, SLMOpsError
 from slmops.improve.gates import GateOutcome, judge
 from slmops.improve.spec import ImproveSpec
 from slmops.optimize.passes import PassProgress
-from slmops.optimize.runner import StepCache, StepOutcome, cache_dir, resolve_source
+from slmops.optimize.runner import StepCache, StepOutcome, atomic_json, cache_dir, resolve_source
 from slmops.registry.blobstore import hash_file
 from slmops.registry.service import Registry
 
@@ -121,16 +121,6 @@ class ImproveReport:
             },
             "release_id": self.release_id,
         }
-
-
-def _atomic_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as handle:
-        handle.write(json.dumps(value, indent=1, sort_keys=True).encode("utf-8"))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class _Run:
@@ -248,7 +238,7 @@ class _Run:
                         base_path, lora, heldout, self.spec, base.manifest.runtime.chat_template,
                         self.progress(f"evaluate {role}"),
                     )  # fmt: skip
-                    _atomic_json(cached, metrics)
+                    atomic_json(cached, metrics)
                 record.numbers = dict(metrics)
                 if role == "parent":
                     self.report.parent = metrics

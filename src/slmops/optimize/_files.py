@@ -5,7 +5,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["fsync_dir", "replace_durably"]
+from slmops.core.manifest import canonical_json, digest_bytes
+from slmops.registry.blobstore import hash_file
+
+__all__ = ["digest_path", "fsync_dir", "replace_durably"]
+
+
+def digest_path(path: Path) -> str:
+    """sha256 of a file, or of a directory's (relative path, file digest) list: the cache key of an input."""
+    if path.is_file():
+        return hash_file(path).digest
+    entries = sorted((p.relative_to(path).as_posix(), hash_file(p).digest) for p in path.rglob("*") if p.is_file())
+    return digest_bytes(canonical_json(entries))
 
 
 def fsync_dir(directory: Path) -> None:

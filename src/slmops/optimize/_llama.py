@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-__all__ = ["LlamaSession", "import_llama", "quiet_llama_logs"]
+__all__ = ["LlamaSession", "attach_lora", "import_llama", "quiet_llama_logs"]
 
 _log_callback: Any = None
 
@@ -116,23 +116,12 @@ class LlamaSession:
                 )
             self._ctx = ctx
             if self.lora_path is not None:
-                self._apply_adapter(lib)
+                try:
+                    attach_lora(self, self.lora_path, self.lora_scale)
+                except RuntimeBackendError:
+                    self.close()
+                    raise
         return self
-
-    def _apply_adapter(self, lib: Any) -> None:
-        adapter = lib.llama_adapter_lora_init(self._model, str(self.lora_path).encode())
-        if not adapter:
-            self.close()
-            raise RuntimeBackendError(
-                f"llama.cpp could not load the LoRA adapter {self.lora_path} over {self.model_path}; expected a GGUF "
-                "LoRA adapter (general.type = adapter) made for this base model's architecture and shapes"
-            )
-        self._adapter = adapter
-        adapters = (lib.llama_adapter_lora_p_ctypes * 1)(adapter)
-        scales = (ctypes.c_float * 1)(self.lora_scale)
-        if lib.llama_set_adapters_lora(self._ctx, adapters, 1, scales) != 0:
-            self.close()
-            raise RuntimeBackendError(f"llama.cpp refused to apply the LoRA adapter {self.lora_path}")
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -209,6 +198,23 @@ class LlamaSession:
         pointer = lib.llama_get_logits(self._ctx)
         rows = np.ctypeslib.as_array(pointer, shape=(wanted * self.n_vocab,))
         return rows.reshape(wanted, self.n_vocab).copy()  # (wanted, vocab)
+
+
+def attach_lora(session: LlamaSession, lora_path: Path, scale: float = 1.0) -> None:
+    """Load the GGUF LoRA adapter ``lora_path`` for the session's model and apply it to its context (freed with the
+    session); a :class:`RuntimeBackendError` when llama.cpp refuses it."""
+    lib = session._lib
+    adapter = lib.llama_adapter_lora_init(session._model, str(lora_path).encode())
+    if not adapter:  # a NULL POINTER is falsy, not None
+        raise RuntimeBackendError(
+            f"llama.cpp could not load the LoRA adapter {lora_path} for {session.model_path.name}; an adapter loads "
+            "only beside the base architecture and tensor shapes it was trained on (check its base)"
+        )
+    session._adapter = adapter
+    adapters = (lib.llama_adapter_lora_p_ctypes * 1)(adapter)
+    scales = (ctypes.c_float * 1)(scale)
+    if lib.llama_set_adapters_lora(session._ctx, adapters, 1, scales) != 0:
+        raise RuntimeBackendError(f"llama.cpp could not apply the LoRA adapter {lora_path}")
 
 
 def log_softmax_at(logits: npt.NDArray[np.float32], targets: Sequence[int]) -> npt.NDArray[np.float64]:

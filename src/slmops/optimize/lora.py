@@ -28,7 +28,6 @@ and :data:`ADAPTER_INFO_FILE` (the base's path and directory digest, the dataset
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -43,9 +42,8 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from slmops.core.manifest import canonical_json, digest_bytes
 from slmops.errors import BlueprintError, InvalidModelError, MissingExtraError
-from slmops.optimize._files import fsync_dir
+from slmops.optimize._files import digest_path, fsync_dir
 from slmops.optimize.gguf_metadata import GGUF_METADATA_FILE, import_gguf
 from slmops.optimize.hf_load import (
     copy_sidecar_files,
@@ -55,6 +53,7 @@ from slmops.optimize.hf_load import (
     save_hf_model,
 )
 from slmops.optimize.passes import Pass, PassParams, PassProgress, register_pass
+from slmops.registry.blobstore import hash_file
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
@@ -95,19 +94,12 @@ class ChatExample:
 
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_file(Path(path)).digest.removeprefix("sha256:")
 
 
 def directory_digest(path: Path) -> str:
     """``sha256:`` digest of a directory's (relative path, file digest) list: the optimizer's cache key of an input."""
-    entries = sorted(
-        (p.relative_to(path).as_posix(), "sha256:" + file_sha256(p)) for p in Path(path).rglob("*") if p.is_file()
-    )
-    return digest_bytes(canonical_json(entries))
+    return digest_path(Path(path))
 
 
 def read_chat_jsonl(path: Path, sha256: str | None = None) -> list[ChatExample]:

@@ -29,10 +29,9 @@ from slmops.core.manifest import Lineage, RecipeStep, SignedManifest, Source, ca
 from slmops.core.manifest import Recipe as LineageRecipe
 from slmops.core.requirements import estimate_requirements
 from slmops.errors import InvalidModelError
-from slmops.optimize._files import fsync_dir
+from slmops.optimize._files import digest_path, fsync_dir
 from slmops.optimize.passes import PassProgress, get_pass
 from slmops.optimize.recipe import EvaluationSpec, Recipe, VariantSpec
-from slmops.registry.blobstore import hash_file
 from slmops.registry.service import Registry
 
 if TYPE_CHECKING:
@@ -44,6 +43,7 @@ __all__ = [
     "StepCache",
     "StepOutcome",
     "VariantOutcome",
+    "atomic_json",
     "cache_dir",
     "digest_path",
     "evaluate_file",
@@ -119,7 +119,8 @@ class RunResult:
         }
 
 
-def _atomic_json(path: Path, value: Any) -> None:
+def atomic_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON at ``path`` atomically and durably (temp file, fsync, rename, fsync the directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
@@ -162,7 +163,7 @@ class StepCache:
                 raise InvalidModelError(f"pass '{pass_name}' wrote its output outside its work directory: {output}")
             digest = digest_path(output)
             relative = output.relative_to(work.resolve()).as_posix()
-            _atomic_json(work / "result.json", {"output": relative, "digest": digest, "report": result.report})
+            atomic_json(work / "result.json", {"output": relative, "digest": digest, "report": result.report})
             try:
                 os.replace(work, final)
             except OSError:  # another run finished the same step first; keep theirs
@@ -172,14 +173,6 @@ class StepCache:
             shutil.rmtree(work, ignore_errors=True)
             raise
         return final / relative, digest, StepOutcome(pass_name, canonical, False, result.report)
-
-
-def digest_path(path: Path) -> str:
-    """sha256 of a file, or of a directory's (relative path, file digest) list: the cache key of an input."""
-    if path.is_file():
-        return hash_file(path).digest
-    entries = sorted((p.relative_to(path).as_posix(), hash_file(p).digest) for p in path.rglob("*") if p.is_file())
-    return digest_bytes(canonical_json(entries))
 
 
 def _threads(spec: EvaluationSpec) -> int:
@@ -330,14 +323,14 @@ class _Evaluation:
         if key_file.exists():
             return json.loads(key_file.read_text(encoding="utf-8"))["metrics"], True
         metrics = evaluate_file(path, self.tokens, self.spec, progress_factory=self.progress_factory, label=label)
-        _atomic_json(key_file, {"metrics": metrics, "measured_on": self.machine, "file": digest})
+        atomic_json(key_file, {"metrics": metrics, "measured_on": self.machine, "file": digest})
         return metrics, False
 
     def source_metrics(self, source: SignedManifest, source_path: Path) -> dict[str, float]:
         """Evaluate the source, and record its metrics for :func:`source_metrics_for`."""
         manifest = source.manifest
         metrics, _ = self.metrics(source_path, manifest.files[0].digest, f"{manifest.name}@{manifest.version}")
-        _atomic_json(
+        atomic_json(
             self.root / "sources" / f"{source.digest.removeprefix('sha256:')}.json",
             {"metrics": metrics, "measured_on": self.machine, "settings": self.spec.model_dump(mode="json")},
         )

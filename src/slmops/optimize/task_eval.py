@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops.errors import RuntimeBackendError
-from slmops.optimize._llama import LlamaSession, log_softmax_at
+from slmops.optimize._llama import LlamaSession, attach_lora, log_softmax_at
 from slmops.optimize.lora import ChatExample, ChatFormat, read_chat_jsonl, split_prompt
 
 __all__ = ["ItemResult", "TaskScore", "attach_lora", "normalize", "score_examples", "score_task"]
@@ -78,22 +78,6 @@ def normalize(text: str) -> str:
     """The form in which outputs are compared: NFKC, case folded, whitespace collapsed, a final full stop dropped."""
     value = _SPACES.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
     return value[:-1].rstrip() if value.endswith(".") else value
-
-
-def attach_lora(session: LlamaSession, lora_path: Path, scale: float = 1.0) -> None:
-    """Load the GGUF LoRA adapter ``lora_path`` for the session's model and apply it to its context; a
-    :class:`RuntimeBackendError` when llama.cpp refuses it. llama.cpp frees the adapter with the model."""
-    lib = session._lib
-    adapter = lib.llama_adapter_lora_init(session._model, str(lora_path).encode())
-    if not adapter:  # a NULL POINTER is falsy, not None
-        raise RuntimeBackendError(
-            f"llama.cpp could not load the LoRA adapter {lora_path} for {session.model_path.name}; an adapter loads "
-            "only beside the base architecture and tensor shapes it was trained on (check its base)"
-        )
-    adapters = (lib.llama_adapter_lora_p_ctypes * 1)(adapter)
-    scales = (ctypes.c_float * 1)(scale)
-    if lib.llama_set_adapters_lora(session._ctx, adapters, 1, scales) != 0:
-        raise RuntimeBackendError(f"llama.cpp could not apply the LoRA adapter {lora_path}")
 
 
 class _Scorer:
@@ -188,9 +172,15 @@ def score_examples(
         raise RuntimeBackendError("no held-out examples to score")
     pattern = re.compile(format_regex, re.DOTALL) if format_regex is not None else None
     results: list[ItemResult] = []
-    with LlamaSession(model_path, n_ctx=context_tokens, n_threads=threads, max_outputs=_BATCH) as session:
-        if lora_path is not None:
-            attach_lora(session, Path(lora_path), lora_scale)
+    session = LlamaSession(
+        model_path,
+        n_ctx=context_tokens,
+        n_threads=threads,
+        max_outputs=_BATCH,
+        lora_path=Path(lora_path) if lora_path is not None else None,
+        lora_scale=lora_scale,
+    )
+    with session:
         scorer = _Scorer(session)
         fmt = scorer.chat_format(chat_template)
         for index, example in enumerate(examples):
