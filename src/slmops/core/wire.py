@@ -35,6 +35,7 @@ __all__ = [
     "FINISH_REASONS",
     "LATENCY_BUCKETS_MS",
     "NLL_BUCKETS",
+    "RUNTIME_FORMATS",
     "TOKEN_BUCKETS",
     "AgentPhase",
     "AllowedAdaptations",
@@ -50,6 +51,7 @@ __all__ = [
     "Health",
     "Histogram",
     "RuntimeConfig",
+    "RuntimeTuning",
     "StatusAck",
     "StatusReport",
     "TelemetryAck",
@@ -60,6 +62,25 @@ __all__ = [
 
 API_PREFIX = "/api/v1"
 MAX_EVENTS_PER_REPORT = 100
+
+
+# The inference runtimes a device can run, by the manifest format each one serves.
+RUNTIME_FORMATS: dict[str, str] = {"llama.cpp": "gguf", "onnxruntime-genai": "onnx-genai", "executorch": "pte"}
+
+
+class RuntimeTuning(_Wire):
+    """The serving configuration a device chose for its active model by measuring candidates at activation
+    (see :mod:`slmops.runtime.tuning`), with what it measured for the winner."""
+
+    runtime: str = Field(default="llama.cpp", max_length=32)
+    model_digest: str = Field(default="", max_length=80)  # the manifest digest it was measured with
+    threads: int = Field(ge=1, le=256)
+    omp_wait_policy: Literal["active", "passive"] | None = None  # None: the runtime has no OpenMP threads
+    batch_tokens: int = Field(ge=1, le=1 << 16)
+    decode_tokens_per_s: float = Field(ge=0)
+    prefill_tokens_per_s: float = Field(ge=0)
+    candidates_measured: int = Field(default=1, ge=1, le=256)
+    measured_at: int = Field(default=0, ge=0)  # unix seconds
 
 
 class Capabilities(_Wire):
@@ -73,6 +94,9 @@ class Capabilities(_Wire):
     os: str = ""
     arch: str = ""  # x86_64, aarch64, ...
     probe_decode_tokens_per_s: float | None = Field(default=None, ge=0)
+    # The runtimes installed on the device (keys of RUNTIME_FORMATS); an agent that does not say runs llama.cpp only.
+    runtimes: list[str] = Field(default_factory=lambda: ["llama.cpp"], max_length=16)
+    tuning: RuntimeTuning | None = None  # the active model's measured serving configuration
 
 
 class EnrollRequest(_Wire):
