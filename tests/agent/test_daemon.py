@@ -15,7 +15,7 @@ from slmops.cli import run
 from slmops.core.wire import ClaimRequest
 from slmops.registry import Registry
 from tests.agent.conftest import Models
-from tests.agent.simulator import BlobBehavior, RunningSim, free_port
+from tests.agent.simulator import BlobBehavior, RunningSim, free_port, iter_events
 
 SECRET = "the patient in room 12 has a rare allergy to penicillin"
 
@@ -254,3 +254,186 @@ def test_agent_status_shows_local_state(
     assert info["device_id"] == "dev-1" and info["active_version"] == "tiny@v1" and info["phase"] == "serving"
     assert run(["agent", "status", "--data-dir", str(config.data_dir)]) == 0
     assert "tiny@v1" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- measured tuning
+
+
+def _auto_threads(sim: RunningSim, models: Models, port: int) -> None:
+    from slmops.core.wire import RuntimeConfig
+
+    sim.sim.set_desired(models.v1, port)
+    assert sim.sim.desired is not None
+    sim.sim.desired = sim.sim.desired.model_copy(update={"runtime": RuntimeConfig(port=port, context_tokens=256)})
+
+
+def _served_threads(agent: Agent) -> tuple[int, int]:
+    """(llama.cpp's thread count, batch size) of the model the agent's runtime serves now."""
+    import llama_cpp
+
+    assert isinstance(agent.runtime, LlamaRuntime) and agent.runtime._host is not None
+    with agent.runtime._host.lease() as (backend, _info):
+        engine = backend._backend._llama  # type: ignore[attr-defined]
+        return int(llama_cpp.llama_n_threads(engine._ctx.ctx)), int(engine.n_batch)
+
+
+def test_a_probed_model_is_tuned_served_with_the_choice_reported_and_the_choice_reused_after_a_restart(
+    sim: RunningSim,
+    models: Models,
+    agent_config: Callable[..., AgentConfig],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the test process may have loaded llama.cpp already: pin its policy so the agent measures that one only
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    port = free_port()
+    _auto_threads(sim, models, port)
+
+    with Agent(agent_config(tune_budget_s=60.0)) as agent:
+        agent.run(once=True)
+        tuning = agent.tuning
+        assert tuning is not None and tuning.model_digest == models.v1.digest
+        assert _served_threads(agent) == (tuning.threads, min(tuning.batch_tokens, 256))  # llama.cpp caps at n_ctx
+        assert tuning.candidates_measured >= 2 and tuning.omp_wait_policy in (None, "passive")
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert f"slmops_runtime_tuning_threads {float(tuning.threads)}" in metrics
+        assert 'slmops_runtime_tuning_omp_wait_policy{policy="passive"}' in metrics
+
+    last = sim.sim.statuses[-1]
+    assert last.capabilities is not None and last.capabilities.tuning == tuning
+    tuned = list(iter_events(sim.sim, "tuned"))
+    assert len(tuned) == 1 and tuned[0].detail["threads"] == tuning.threads and tuned[0].detail["reused"] is False
+    stored = (tmp_path / "agent" / "tuning.json").read_text()
+    assert models.v1.digest in stored
+
+    with Agent(agent_config(tune_budget_s=60.0)) as agent:  # a restart serves the stored choice, measuring nothing
+        agent.run(once=True)
+        assert agent.tuning == tuning
+        assert agent.runtime.tuning_outcome is not None and agent.runtime.tuning_outcome.reused  # type: ignore[attr-defined]
+        assert _served_threads(agent) == (tuning.threads, min(tuning.batch_tokens, 256))  # llama.cpp caps at n_ctx
+
+
+def test_a_blueprint_thread_count_overrides_the_measurement(
+    sim: RunningSim, models: Models, agent_config: Callable[..., AgentConfig], tmp_path: Path
+) -> None:
+    port = free_port()
+    sim.sim.set_desired(models.v1, port)  # the simulator's runtime config says threads=1
+
+    with Agent(agent_config(tune_budget_s=60.0)) as agent:
+        agent.run(once=True)
+        assert agent.slots.current() == models.v1.digest
+        assert agent.tuning is None and _served_threads(agent)[0] == 1
+
+    assert not (tmp_path / "agent" / "tuning.json").exists()
+    last = sim.sim.statuses[-1]
+    assert last.capabilities is not None and last.capabilities.tuning is None
+
+
+def test_a_choice_that_needs_another_wait_policy_serves_the_best_loadable_and_asks_for_one_restart(
+    sim: RunningSim,
+    models: Models,
+    agent_config: Callable[..., AgentConfig],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from slmops.runtime import tuning as tuning_module
+    from slmops.runtime.tuning import Candidate, Measurement, TuningOutcome, TuningStore, choose
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # what this process runs (or will load) llama.cpp with
+    found = (
+        Measurement(Candidate(1, None, 512), 50.0, 50.0),
+        Measurement(Candidate(2, "active", 512), 100.0, 100.0),
+    )
+    best = choose(found, model_digest=models.v1.digest, measured_at=1)
+    (tmp_path / "agent").mkdir()
+    TuningStore(tmp_path / "agent" / "tuning.json").put(
+        TuningOutcome(best, found, ()), tuning_module.device_fingerprint()
+    )
+    port = free_port()
+    _auto_threads(sim, models, port)
+
+    with Agent(agent_config(tune_budget_s=60.0, restart_for_tuning=True)) as agent:
+        agent.run()  # returns at the safe point after the pass, instead of polling on
+        assert agent.restart_requested == best and best.omp_wait_policy == "active"
+        assert agent.tuning is not None and agent.tuning.threads == 1 and _served_threads(agent)[0] == 1
+
+    tuned = list(iter_events(sim.sim, "tuned"))
+    assert tuned[-1].detail["restart_wanted_for"] == "active"
+
+    monkeypatch.setenv("SLMOPS_RESTARTED_FOR_OMP", "active")  # restarted for it once and it still cannot apply
+    stop = threading.Event()
+    with Agent(agent_config(tune_budget_s=60.0, restart_for_tuning=True)) as agent:
+        worker = threading.Thread(target=agent.run, kwargs={"stop": stop})
+        worker.start()
+        time.sleep(1.0)
+        stop.set()
+        worker.join(timeout=30)
+        assert agent.restart_requested is None
+
+
+_RESTARTING_AGENT = """
+import json, os, sys
+from pathlib import Path
+
+first = "SLMOPS_RESTARTED_FOR_OMP" not in os.environ
+if first:  # this run loaded llama.cpp before it knew the tuning (the passive fallback), as an earlier model would
+    from slmops.runtime.backend import _import_llama_cpp
+
+    _import_llama_cpp()
+from slmops.agent import Agent, AgentConfig
+from slmops.agent.daemon import restart_process
+from slmops.runtime.tuning import loaded_wait_policy
+
+config = AgentConfig(
+    data_dir=Path(sys.argv[1]), server_url=sys.argv[2], enroll_token="tok", poll_interval_s=0.1, probation_s=0.0,
+    health_interval_s=3600.0, heartbeat_interval_s=0.0, tune_budget_s=60.0, restart_for_tuning=True,
+)
+with Agent(config) as agent:
+    agent.run(once=True)
+    wanted, served = agent.restart_requested, agent.tuning
+print(json.dumps({"first": first, "pid": os.getpid(), "loaded": loaded_wait_policy(),
+                  "threads": served.threads if served else None,
+                  "wanted": wanted.omp_wait_policy if wanted else None}), flush=True)
+if wanted is not None:
+    restart_process(wanted.omp_wait_policy)
+"""
+
+
+def test_the_agent_process_restarts_itself_into_the_wait_policy_its_tuning_needs(
+    sim: RunningSim, models: Models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from slmops.runtime import tuning as tuning_module
+    from slmops.runtime.tuning import Candidate, Measurement, TuningOutcome, TuningStore, choose
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # the agent processes start without a user's policy
+    found = (
+        Measurement(Candidate(1, None, 512), 50.0, 50.0),
+        Measurement(Candidate(2, "active", 512), 100.0, 100.0),
+    )
+    data = tmp_path / "agent"
+    data.mkdir()
+    TuningStore(data / "tuning.json").put(
+        TuningOutcome(choose(found, model_digest=models.v1.digest, measured_at=1), found, ()),
+        tuning_module.device_fingerprint(),
+    )
+    port = free_port()
+    _auto_threads(sim, models, port)
+    script = tmp_path / "agent_main.py"
+    script.write_text(_RESTARTING_AGENT)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+    result = subprocess.run(
+        [sys.executable, str(script), str(data), sim.url], capture_output=True, text=True, timeout=300, env=env
+    )
+
+    runs = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(runs) == 2, result.stderr[-2000:]
+    assert runs[0] == {"first": True, "pid": runs[0]["pid"], "loaded": "passive", "threads": 1, "wanted": "active"}
+    assert runs[1] == {"first": False, "pid": runs[0]["pid"], "loaded": "active", "threads": 2, "wanted": None}
+    kinds = [e.kind for e in sim.sim.events]
+    assert "crash" not in kinds  # the restart was a clean stop

@@ -24,6 +24,7 @@ from slmops.control.plane import ControlPlane  # noqa: E402
 from slmops.core.wire import TelemetryBatch, TelemetryWindow  # noqa: E402
 from slmops.telemetry.drift import RequestSummary, summarize  # noqa: E402
 from tests.control.conftest import Device, register_variants  # noqa: E402
+from tests.tuf.seed import seed_tuf  # noqa: E402
 
 BLUEPRINT = "apiVersion: slmops/v1\nkind: Blueprint\nmetadata: {name: all}\nspec: {model: {name: tiny, ref: v1}}\n"
 PHASES = ("examples", "coverage", "fuzzing", "stateful")
@@ -44,6 +45,7 @@ class Fleet:
     release: str
     blob: str
     device_class: str  # the device's class; it has sent telemetry windows with drift summaries of tiny@v1
+    tuf_target: str  # "<hex>.json": the TUF target of variants.base
 
 
 def _fleet(plane: ControlPlane, tmp_path: Path, new_device: Callable[..., Device]) -> Fleet:
@@ -82,6 +84,7 @@ def _fleet(plane: ControlPlane, tmp_path: Path, new_device: Callable[..., Device
     pin = {"version": "tiny@v1", "device_class": device_class, **day}
     assert api.put("/api/v1/drift/reference", json=pin).status_code == 200  # so DELETE has one to remove
     assert api.post("/api/v1/datasets", json={"name": "fb"}).status_code in (200, 201)  # for the dataset paths
+    tuf = seed_tuf(plane, tmp_path / "tuf-offline", [variants.base], device_class)  # TUF on: its paths answer 200
     return Fleet(
         admin=admin,
         device=device["device_id"],
@@ -93,6 +96,7 @@ def _fleet(plane: ControlPlane, tmp_path: Path, new_device: Callable[..., Device
         release=release["id"],
         blob=variants.base.manifest.files[0].digest,
         device_class=device_class,
+        tuf_target=tuf.target_name,
     )
 
 
@@ -152,6 +156,11 @@ def _config(fleet: Fleet) -> SchemathesisConfig:
                 operation("/rollouts", method="POST", **semantic),
                 # a pinned range must hold windows and have start < end: no schema says either
                 operation("/drift/reference", method="PUT", **semantic),
+                # TUF metadata is signed JSON no schema can produce: uploads of schema-valid bodies are refused (422)
+                operation("/tuf/root", method="PUT", **semantic),
+                operation("/tuf/targets", method="PUT", **semantic),
+                operation("/tuf/{name}.json", parameters={"name": "timestamp"}),
+                operation("/tuf/targets/manifests/{name}", parameters={"name": fleet.tuf_target}),
             ],
         }
     )
@@ -225,4 +234,6 @@ def test_the_api_keeps_its_openapi_promises(
         "POST /api/v1/rollouts/{release_id}/resume",
         "POST /api/v1/rollouts/{release_id}/promote",
         "POST /api/v1/rollouts/{release_id}/abort",
+        "PUT /api/v1/tuf/root",  # only a root signed offline, by the next version's keys, is accepted
+        "PUT /api/v1/tuf/targets",  # only targets signed offline by the targets keys are accepted
     }, failed

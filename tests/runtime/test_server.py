@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,13 @@ def test_stats_count_requests_and_tokens_and_never_hold_or_log_text(
     with served.client.stream("POST", "/v1/completions", json={"prompt": SECRET, "max_tokens": 3, "stream": True}) as r:
         sse(r)
 
+    # a stream's request is counted when the server's generator ends, which may be just after the client read [DONE]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        counted = served.stats.snapshot().models.get("tiny@v1")
+        if counted is not None and counted.requests >= 2:
+            break
+        time.sleep(0.02)
     snapshot = served.stats.take()
     model = snapshot.models["tiny@v1"]
     assert (model.requests, model.errors, model.completion_tokens) == (2, 0, 7)

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from slmops.core.wire import Capabilities
 from slmops.errors import ConfigError
+from slmops.runtime.backends import installed_runtimes
 
 __all__ = ["INTERESTING_FLAGS", "cpu_flags", "detect_accelerator", "measure_capabilities"]
 
@@ -76,6 +77,7 @@ def measure_capabilities(
         "os": f"{platform.system().lower()} {platform.release()}".strip(),
         "arch": platform.machine(),
         "probe_decode_tokens_per_s": probe_decode_tokens_per_s,
+        "runtimes": installed_runtimes(),
     }
     if capabilities_file is not None:
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -35,6 +35,10 @@ from slmops.errors import (
     SLMOpsError,
     UnavailableError,
 )
+
+if TYPE_CHECKING:
+    from slmops.tuf.client import HttpxFetcher
+    from slmops.tuf.pin import RootPin
 
 __all__ = ["ControlPlaneClient", "DesiredFetch"]
 
@@ -170,11 +174,53 @@ class ControlPlaneClient:
             if etag:
                 headers["If-Range"] = etag
         what = f"blob {digest}"
+        # With object storage the control plane answers 307 to a short-lived presigned URL; httpx drops the
+        # Authorization header on that cross-origin hop and keeps Range/If-Range, so resumes work unchanged.
+        url = f"{API_PREFIX}/blobs/{digest}"
         try:
-            with self._http.stream("GET", f"{API_PREFIX}/blobs/{digest}", headers=headers) as response:
+            with self._http.stream("GET", url, headers=headers, follow_redirects=True) as response:
+                if response.history and response.status_code in (400, 403):
+                    response.read()
+                    raise UnavailableError(
+                        f"object storage refused the presigned URL for {what} (HTTP {response.status_code}: "
+                        "expired, or this device's clock is off); asking the control plane for a new one"
+                    )
                 if response.status_code >= 400 and response.status_code != 416:
                     response.read()
                     _raise_for(response, what)
                 yield response
         except httpx.TransportError as exc:
+            try:
+                failed: httpx.URL | None = exc.request.url
+            except RuntimeError:
+                failed = None
+            base = self._http.base_url
+            if failed is not None and (failed.scheme, failed.host, failed.port) != (base.scheme, base.host, base.port):
+                raise UnavailableError(
+                    f"the download of {what} from {failed.scheme}://{failed.host}:{failed.port} (object storage the "
+                    f"control plane redirected to) failed: {type(exc).__name__}; retrying later from the bytes received"
+                ) from None
             raise self._unreachable(what, exc) from None
+
+    # ------------------------------------------------------------------------------------------------- TUF
+
+    @property
+    def tuf_url(self) -> str:
+        """Where the control plane serves TUF metadata (``N.root.json``, ``timestamp.json``, ...)."""
+        return f"{self.base_url}{API_PREFIX}/tuf/"
+
+    def tuf_fetcher(self) -> HttpxFetcher:
+        """A fetcher for ``tuf.ngclient`` over this client's connection pool, with the device credential."""
+        from slmops.tuf.client import HttpxFetcher
+
+        return HttpxFetcher(self._http, self._auth)
+
+    def tuf_root_pin(self) -> RootPin | None:
+        """The control plane's TUF root pin, or None when it serves no TUF metadata (404: TUF is off there)."""
+        from slmops.tuf.pin import RootPin
+
+        try:
+            response = self._request("GET", f"{API_PREFIX}/tuf/bootstrap", "the TUF root pin", headers=self._auth())
+        except NotFoundError:
+            return None
+        return _parse(RootPin, response, "the TUF root pin")

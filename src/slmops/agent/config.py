@@ -40,3 +40,10 @@ class AgentConfig:
     # the site's consent to let redacted feedback text leave this device (`slmops agent --feedback-opt-in`); text
     # leaves only when the blueprint's spec.feedback.mode is opt_in too. Never set by the control plane.
     feedback_opt_in: bool = False
+    # choose the serving configuration (threads, OpenMP wait policy, batch) by measuring candidates at activation,
+    # within this many seconds per model and device (slmops.runtime.tuning); 0 turns it off (llama.cpp's default
+    # threads, OMP_WAIT_POLICY=passive unless set). A blueprint's runtime.threads overrides the measurement.
+    tune_budget_s: float = 30.0
+    # when a newly measured configuration needs another OpenMP wait policy than this process loaded, Agent.run
+    # returns at a safe point with restart_requested set, for the caller to re-execute the agent (restart_process)
+    restart_for_tuning: bool = False

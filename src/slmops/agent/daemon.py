@@ -9,6 +9,17 @@ This module is the loop; the parts it drives each have their own module:
 - :mod:`slmops.agent.feedback`: which rated completions leave the device (sampled, capped, redacted) and their
   upload; the local feedback store is ``feedback.db`` (:mod:`slmops.feedback.store`).
 
+The serving configuration is measured on the device (:mod:`slmops.runtime.tuning`, driven by
+:class:`~slmops.agent.runtime.LlamaRuntime` after a staged model's probe, within ``tune_budget_s``) and reported
+in ``Capabilities.tuning`` (status reports and enrollment) with a ``tuned`` event whenever it changes. The OpenMP
+wait policy only counts when the process loads llama.cpp: the runtime sets it from the persisted choice before the
+process first loads a model, so a (re)started agent always serves with it. When a new model's choice needs another
+policy than the one loaded, the runtime serves the best configuration this process can run and, with
+``restart_for_tuning``, :meth:`Agent.run` returns after a completed pass (state persisted, reports sent: a safe
+point) with ``restart_requested`` set; the caller closes the agent and calls :func:`restart_process`, which
+re-executes the same command line (the local API is down for the restart). It restarts at most once per wanted
+policy (``SLMOPS_RESTARTED_FOR_OMP``), so a process that cannot help loading llama.cpp early never loops.
+
 The desired state's site adaptation and feedback policy are put in the :class:`~slmops.runtime.policy.LocalPolicy`
 the local API reads per request, at start-up (from the persisted state) and whenever the desired state changes: no
 model reload.
@@ -21,12 +32,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import httpx
 
@@ -43,14 +57,35 @@ from slmops.agent.runtime import LlamaRuntime, ModelRuntime
 from slmops.agent.state import AgentLock, AgentState, DataDir
 from slmops.agent.switch import SlotSwitch
 from slmops.core.reconcile import Step
-from slmops.core.wire import Capabilities, ClaimRequest, DesiredState, EnrollRequest, EnrollResponse, TelemetryWindow
+from slmops.core.wire import (
+    Capabilities,
+    ClaimRequest,
+    DesiredState,
+    EnrollRequest,
+    EnrollResponse,
+    RuntimeTuning,
+    TelemetryWindow,
+)
 from slmops.errors import AuthenticationError, ConfigError, ConflictError, SLMOpsError, UnavailableError
 from slmops.feedback.store import FeedbackStore
 from slmops.runtime.policy import LocalPolicy
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "restart_process"]
 
 log = logging.getLogger(__name__)
+_RESTARTED_FOR = "SLMOPS_RESTARTED_FOR_OMP"
+
+
+def restart_process(wait_policy: str | None = None) -> NoReturn:
+    """Re-execute this process's command line (``python -m slmops agent ...`` or the ``slmops`` script), so the
+    new process loads llama.cpp with the OpenMP wait policy its persisted tuning names. Call it after the agent was
+    closed (lock released, serving marker cleared: the restart is no crash)."""
+    if wait_policy:
+        os.environ[_RESTARTED_FOR] = wait_policy
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 class Agent:
@@ -72,14 +107,7 @@ class Agent:
         self._ctx = ctx = AgentContext(
             config,
             self.data,
-            runtime=runtime
-            or LlamaRuntime(
-                prompt_nll_sample_rate=config.prompt_nll_sample_rate,
-                prompt_nll_max_tokens=config.prompt_nll_max_tokens,
-                policy=self.policy,
-                feedback_store=self.feedback_store,
-                on_rated=self.feedback.rated,
-            ),
+            runtime=runtime or self._default_runtime(config),
             clock=clock,
         )
         self.runtime, self.outbox, self.identities = ctx.runtime, ctx.outbox, ctx.identities
@@ -91,6 +119,27 @@ class Agent:
         self.switch = SlotSwitch(ctx, self.reporter)
         self.reconciler = Reconciler(ctx, self.switch)
         self._opened = False
+        self.restart_requested: RuntimeTuning | None = None  # set when run() returned for a restart (see module)
+        self._reported_tuning: RuntimeTuning | None = None
+
+    def _default_runtime(self, config: AgentConfig) -> LlamaRuntime:
+        from slmops.runtime.tuning import TuningConfig, TuningStore
+
+        return LlamaRuntime(
+            prompt_nll_sample_rate=config.prompt_nll_sample_rate,
+            prompt_nll_max_tokens=config.prompt_nll_max_tokens,
+            policy=self.policy,
+            feedback_store=self.feedback_store,
+            on_rated=self.feedback.rated,
+            tuning=TuningConfig(budget_s=config.tune_budget_s) if config.tune_budget_s > 0 else None,
+            tuning_store=TuningStore(self.data.root / "tuning.json"),
+        )
+
+    @property
+    def tuning(self) -> RuntimeTuning | None:
+        """The measured serving configuration of the served model (None: untuned, or threads set by the blueprint)."""
+        value = getattr(self.runtime, "tuning", None)
+        return value if isinstance(value, RuntimeTuning) else None
 
     @property
     def state(self) -> AgentState:
@@ -161,7 +210,42 @@ class Agent:
     # ----------------------------------------------------------------------------------------------- enrollment
 
     def capabilities(self) -> Capabilities:
-        return self._ctx.measure_capabilities()
+        """What the device measured about itself, with the served model's measured serving configuration."""
+        measured = self._ctx.measure_capabilities()
+        self._ctx.capabilities = measured.model_copy(update={"tuning": self.tuning})
+        return self._ctx.capabilities
+
+    def _note_tuning(self) -> None:
+        """Put the current tuning in the capabilities the next status report carries; a ``tuned`` event when it
+        changed."""
+        ctx, tuning = self._ctx, self.tuning
+        if ctx.capabilities is None or ctx.capabilities.tuning != tuning:
+            self.capabilities()
+        if tuning is not None and tuning != self._reported_tuning:
+            outcome = getattr(self.runtime, "tuning_outcome", None)
+            wanted = getattr(self.runtime, "restart_wanted", None)
+            ctx.event(
+                "tuned",
+                self.switch.serving,
+                threads=tuning.threads,
+                omp_wait_policy=tuning.omp_wait_policy,
+                batch_tokens=tuning.batch_tokens,
+                decode_tokens_per_s=tuning.decode_tokens_per_s,
+                prefill_tokens_per_s=tuning.prefill_tokens_per_s,
+                candidates_measured=tuning.candidates_measured,
+                not_measured=len(outcome.not_measured) if outcome is not None else 0,
+                reused=bool(outcome.reused) if outcome is not None else False,
+                restart_wanted_for=wanted.omp_wait_policy if isinstance(wanted, RuntimeTuning) else None,
+            )
+        self._reported_tuning = tuning
+
+    def _restart_wanted(self) -> RuntimeTuning | None:
+        wanted = getattr(self.runtime, "restart_wanted", None)
+        if not self.config.restart_for_tuning or not isinstance(wanted, RuntimeTuning):
+            return None
+        if os.environ.get(_RESTARTED_FOR) == wanted.omp_wait_policy:
+            return None  # restarted for it once already and still cannot apply it: do not loop
+        return wanted
 
     def enrolled(self) -> bool:
         identity = self.identities.identity()
@@ -249,6 +333,11 @@ class Agent:
                 self.reconcile_once()
             elif once:
                 log.warning("this device waits for an operator's approval; run the agent again later")
+            wanted = self._restart_wanted()
+            if wanted is not None:
+                log.warning("restarting to serve with OpenMP wait policy %s (measured best)", wanted.omp_wait_policy)
+                self.restart_requested = wanted
+                return
             if once:
                 return
             jitter = self.config.poll_jitter
@@ -262,6 +351,7 @@ class Agent:
         self.switch.check_health()
         self.reconciler.converge()  # a failed health check may call for a rollback
         self.switch.ensure_serving()
+        self._note_tuning()
         self.reporter.report()
         self.reporter.flush_telemetry(self.switch.serving)
         self.flush_feedback()

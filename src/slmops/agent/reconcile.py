@@ -4,7 +4,13 @@ Every step persists ``state.json`` before it runs (phase, step) and after (its r
 idempotent, so an agent killed at any moment continues correctly after a restart:
 
 - *verify*: the desired manifest's signature against the server-provided trusted keys (an adapter version's base
-  too, and that it is the base the adapter names); nothing is downloaded first.
+  too, and that it is the base the adapter names); nothing is downloaded first. When the device holds a TUF root
+  (``<data>/tuf``), the manifest must also be a current TUF target for the device's hardware id (its device
+  class): refreshed metadata that is older (rollback), expired (freeze), inconsistent (mix-and-match) or signed
+  below threshold installs nothing; the current model keeps serving and the ``verify_failed`` event says why
+  (``[tuf:<check>]``). A TUF check holds for one desired generation only, so a replayed old version is checked
+  again even if it was verified before. An agent without a root asks for the control plane's root pin once per
+  verify (:mod:`slmops.tuf.pin`): that is how agents enrolled before TUF move to it without re-enrolling.
 - *download*: resumable partials, sha256-verified into the blob cache (:mod:`slmops.agent.download`).
 - *stage*: a slot directory renamed into place when complete (:mod:`slmops.agent.slots`); an adapter version's slot
   holds the pair (base files and adapter files), so only blobs missing from the cache were downloaded.
@@ -16,17 +22,22 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING, Any
 
 from slmops.agent._context import AgentContext
 from slmops.agent._pause import pause
 from slmops.agent.download import BlobWant, Downloader
 from slmops.agent.switch import SlotSwitch
 from slmops.core.adapters import adapter_base
+from slmops.core.device_class import device_class
 from slmops.core.manifest import SignedManifest
 from slmops.core.reconcile import LocalView, Step, plan, short_digest, target_of
 from slmops.core.wire import AgentPhase
-from slmops.errors import ConfigError, SLMOpsError
+from slmops.errors import ConfigError, MissingExtraError, SignatureError, SLMOpsError, UnavailableError
 from slmops.registry.signing import verify_envelope
+
+if TYPE_CHECKING:
+    from slmops.tuf.client import TufClient, TufVerdict
 
 __all__ = ["Reconciler"]
 
@@ -47,15 +58,21 @@ class Reconciler:
     def __init__(self, ctx: AgentContext, switch: SlotSwitch) -> None:
         self._ctx = ctx
         self._switch = switch
+        self._tuf_checked: tuple[str, str] | None = None  # (desired generation, digest) TUF accepted, this process
 
     def view(self) -> LocalView:
         ctx, state = self._ctx, self._ctx.state
         now = ctx.clock()
+        verified = frozenset(state.verified)
+        if self.tuf_enabled():  # a TUF check holds for the desired generation it was made for
+            desired = state.desired
+            current = (desired.generation, desired.model.digest) if desired and desired.model else None
+            verified = verified & ({current[1]} if current is not None and current == self._tuf_checked else set())
         return LocalView(
             active=ctx.slots.current(),
             previous=ctx.slots.previous(),
             committed=state.committed,
-            verified=frozenset(state.verified),
+            verified=verified,
             cached=frozenset(ctx.cache.digests()),
             staged=ctx.slots.staged(),
             probed=frozenset(d for d, r in state.probes.items() if r.ok),
@@ -146,11 +163,73 @@ class Reconciler:
             if part.manifest.format != "gguf":
                 ctx.state.failed[str(step.digest)] = f"format {part.manifest.format} cannot run on this agent"
                 return
-        ctx.state.verified = sorted({*ctx.state.verified, str(step.digest)})
-        detail = (
+        detail: dict[str, Any] = (
             {"key_id": key_id} if base is None else {"key_id": key_id, "base": base.digest, "base_key_id": base_key}
         )
+        verdict = self._tuf_check(envelope.digest, base.digest if base is not None else None, trusted)
+        if verdict is not None:
+            detail["tuf"] = {
+                "hardware_id": self._hardware_id(),
+                "targets_version": verdict.targets_version,
+                "snapshot_version": verdict.snapshot_version,
+                "timestamp_version": verdict.timestamp_version,
+                "root_version": verdict.root_version,
+            }
+        ctx.state.verified = sorted({*ctx.state.verified, str(step.digest)})
         ctx.event("verified", step.digest, **detail)
+
+    # ----------------------------------------------------------------------------------------------- TUF
+
+    def tuf_enabled(self) -> bool:
+        """Whether this device holds a TUF root: from then on every version must be a current TUF target."""
+        return (self._ctx.data.root / "tuf" / "root.json").exists()
+
+    def _tuf_client(self) -> TufClient:
+        try:
+            from slmops.tuf.client import TufClient
+        except ImportError:
+            raise MissingExtraError("agent", "TUF update metadata (this device holds a TUF root)", "tuf") from None
+
+        client = self._ctx.require_client()
+        return TufClient(self._ctx.data.root / "tuf", client.tuf_url, client.tuf_fetcher())
+
+    def _hardware_id(self) -> str:
+        ctx = self._ctx
+        return device_class(ctx.capabilities or ctx.measure_capabilities())
+
+    def _tuf_bootstrap(self, trusted: dict[str, Any]) -> bool:
+        """Install the control plane's pinned root when a key this device trusts signed it; False: TUF is off."""
+        from slmops.tuf.pin import verify_root_pin
+
+        try:
+            pin = self._ctx.require_client().tuf_root_pin()
+        except UnavailableError:
+            raise  # retry the verify later rather than skip TUF because the pin did not arrive
+        except SLMOpsError:  # a control plane that predates the TUF routes: nothing to move to yet
+            return False
+        if pin is None:
+            return False
+        root = verify_root_pin(pin, trusted)
+        version = self._tuf_client().install_root(root)
+        self._ctx.event("tuf_root_installed", None, root_version=version, pin_key_id=pin.signature.key_id)
+        return True
+
+    def _tuf_check(self, digest: str, base_digest: str | None, trusted: dict[str, Any]) -> TufVerdict | None:
+        if not self.tuf_enabled() and not self._tuf_bootstrap(trusted):
+            return None
+        from slmops.tuf.client import TufRejectedError
+
+        client, hardware_id = self._tuf_client(), self._hardware_id()
+        desired = self._ctx.state.desired
+        try:
+            verdict = client.check(digest, hardware_id)
+            if base_digest is not None:
+                client.check(base_digest, hardware_id)
+        except TufRejectedError as exc:
+            raise SignatureError(f"[tuf:{exc.check}] {exc.message}; keeping the current model") from None
+        if desired is not None:
+            self._tuf_checked = (desired.generation, digest)
+        return verdict
 
     def _download(self, step: Step) -> None:
         ctx = self._ctx

@@ -6,6 +6,11 @@ and renamed into place, so a slot directory that exists is complete. ``slots/cur
 and ``slots/previous`` at the one to roll back to; each is replaced with ``os.replace`` of a fresh symlink followed
 by an fsync of the directory, so at every moment ``current`` names a whole slot, old or new.
 
+A version of several files in directories (an ONNX Runtime GenAI model: ``genai_config.json``, ``model.onnx``,
+``model.onnx.data``, the tokenizer) is held the same way, every file under ``files/`` at its manifest path, so the
+atomic switch and rollback are the same for a directory model as for one GGUF file; :meth:`Slots.model_file` returns
+the directory to load.
+
 The slot of an adapter version (:mod:`slmops.core.adapters`) holds the pair: ``manifest.json`` and ``files/`` are
 the adapter's, ``base.json`` and ``base/<path>`` its base's. Every slot has its own hard links, so removing one slot
 (a base-only slot after a pair was committed, say) never takes files from another, and a pair staged over a base
@@ -26,6 +31,8 @@ from slmops.core.adapters import adapter_base
 from slmops.core.manifest import SignedManifest
 from slmops.errors import IntegrityError, NotFoundError
 from slmops.registry.blobstore import DirectoryBlobStore, hash_file
+
+GENAI_CONFIG_FILE = "genai_config.json"  # slmops.registry.formats.onnx_genai.GENAI_CONFIG_FILE (agent stays light)
 
 __all__ = ["Slots"]
 
@@ -75,13 +82,32 @@ class Slots:
                 return directory / entry.path
         raise NotFoundError(f"{manifest.name}@{manifest.version} has no .gguf file; this agent serves GGUF only")
 
+    @staticmethod
+    def _model_location(envelope: SignedManifest, directory: Path) -> Path:
+        """A GGUF version's first GGUF file; an ONNX version's directory holding ``genai_config.json`` (the one
+        nearest the top when there are several), which is what ONNX Runtime GenAI loads."""
+        manifest = envelope.manifest
+        if manifest.format == "onnx":
+            configs = sorted(
+                (e.path for e in manifest.files if e.path.rsplit("/", 1)[-1] == GENAI_CONFIG_FILE),
+                key=lambda p: (p.count("/"), p),
+            )
+            if not configs:
+                raise NotFoundError(
+                    f"{manifest.name}@{manifest.version} is ONNX without {GENAI_CONFIG_FILE}; the agent serves ONNX "
+                    "through ONNX Runtime GenAI only (export it with the export_onnx_genai pass)"
+                )
+            return (directory / configs[0]).parent
+        return Slots._first_gguf(envelope, directory)
+
     def model_file(self, digest: str) -> Path:
-        """The file a runtime loads: the first GGUF file of the version (sorted by path); for an adapter version,
-        its base's."""
+        """What a runtime loads: the first GGUF file of the version (sorted by path), or for an ONNX GenAI version
+        its model directory (see :func:`slmops.runtime.backends.open_backend`, which picks the backend by the
+        manifest's format); for an adapter version, its base's."""
         base = self.base_manifest(digest)
         if base is not None:
-            return self._first_gguf(base, self.path(digest) / "base")
-        return self._first_gguf(self.manifest(digest), self.path(digest) / "files")
+            return self._model_location(base, self.path(digest) / "base")
+        return self._model_location(self.manifest(digest), self.path(digest) / "files")
 
     def adapter_file(self, digest: str) -> Path | None:
         """The GGUF LoRA adapter a runtime loads over :meth:`model_file` for an adapter version; None otherwise."""

@@ -14,6 +14,11 @@ Layout (directory mode 0700, secrets and state mode 0600)::
       slots/<hex>/            one staged version: manifest.json and files/<path> (hard links into the cache)
       slots/current           symlink to the active slot; slots/previous: symlink to the rollback slot
       serving.marker          the version being loaded or served; left behind only by a process that died
+      tuning.json             measured serving configurations by (model digest, device fingerprint)
+                              (slmops.runtime.tuning)
+      tuf/                    TUF metadata (root.json, timestamp.json, ...) once the control plane serves it
+                              (slmops.tuf.client)
+      feedback.db             SQLite: local completions and ratings, when feedback is on (slmops.feedback.store)
 """
 
 from __future__ import annotations

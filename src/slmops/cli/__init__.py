@@ -57,6 +57,7 @@ def _register() -> None:
         keys,
         model,
         optimize,
+        pipeline,
         rollout,
         select,
         serve,
@@ -68,6 +69,7 @@ def _register() -> None:
     )
 
     app.add_typer(model.app, name="model")
+    app.add_typer(pipeline.app, name="pipeline")
     model.app.command("select")(select.select)
     app.add_typer(keys.app, name="keys")
     app.add_typer(optimize.app, name="optimize")

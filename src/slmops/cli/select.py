@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import cast, get_args
 
 import typer
 from rich.table import Table
@@ -10,7 +10,7 @@ from rich.table import Table
 from slmops.cli._common import console, human_bytes, print_json
 from slmops.core.candidates import candidates_from_manifests
 from slmops.core.device_profiles import DEVICE_PROFILES, get_profile
-from slmops.core.selection import VariantPolicy, choose_variant
+from slmops.core.selection import Objective, VariantPolicy, choose_variant
 from slmops.errors import ConfigError
 from slmops.registry import Registry
 
@@ -20,10 +20,13 @@ def select(
     device_class: str = typer.Option(
         ..., "--device-class", "-d", help=f"Device class: {', '.join(sorted(DEVICE_PROFILES))}."
     ),
-    objective: str = typer.Option("best_quality", help="best_quality or smallest_within."),
+    objective: str = typer.Option("best_quality", help="best_quality, smallest_within or fastest_within."),
+    runtimes: str | None = typer.Option(
+        None, help="The runtimes the device has, comma-separated (llama.cpp, onnxruntime-genai); default llama.cpp."
+    ),
     max_memory_fraction: float = typer.Option(0.5, help="Use at most this fraction of the device's RAM."),
     min_decode_tps: float | None = typer.Option(None, help="Require at least this many decode tokens/s."),
-    max_ppl_increase_pct: float = typer.Option(5.0, help="smallest_within: allowed perplexity increase, %."),
+    max_ppl_increase_pct: float = typer.Option(5.0, help="smallest_within/fastest_within: perplexity slack, %."),
     context_tokens: int = typer.Option(2048, help="Context for memory estimates of unmeasured variants."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
@@ -31,11 +34,11 @@ def select(
 
     Example: slmops model select gemma3-270m --device-class gateway-2gb --objective smallest_within
     """
-    if objective not in ("best_quality", "smallest_within"):
-        raise ConfigError(f"--objective must be best_quality or smallest_within, not {objective!r}")
-    chosen_objective: Literal["best_quality", "smallest_within"] = (
-        "best_quality" if objective == "best_quality" else "smallest_within"
-    )
+    objectives = get_args(Objective)
+    if objective not in objectives:
+        raise ConfigError(f"--objective must be one of {', '.join(objectives)}, not {objective!r}")
+    chosen_objective = cast(Objective, objective)
+    installed = [r.strip() for r in runtimes.split(",") if r.strip()] if runtimes else None
     try:
         policy = VariantPolicy(chosen_objective, max_memory_fraction, min_decode_tps, max_ppl_increase_pct)
     except ValueError as exc:
@@ -52,7 +55,7 @@ def select(
     finally:
         registry.close()
     candidates = candidates_from_manifests(envelopes, profile, context_tokens)
-    choice = choose_variant(candidates, profile.memory_bytes, policy)
+    choice = choose_variant(candidates, profile.memory_bytes, policy, runtimes=installed)
     if json_out:
         print_json(
             {

@@ -1,4 +1,11 @@
-"""`slmops serve`: run one model behind the local OpenAI-compatible API on 127.0.0.1."""
+"""`slmops serve`: run one model behind the local OpenAI-compatible API on 127.0.0.1.
+
+``--threads auto`` (the default) measures candidate configurations (threads, OpenMP wait policy, batch size) in
+child processes first (:mod:`slmops.runtime.tuning`), prints them and the choice, then sets the chosen wait
+policy in this process's environment before it imports llama.cpp and loads the model with the chosen threads and
+batch size. Measurements are not persisted here (``--tune-budget-s`` bounds them; 0 skips measuring and uses
+llama.cpp's default threads). An integer forces the thread count.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +19,10 @@ from typing import TYPE_CHECKING
 import typer
 
 from slmops.cli._common import console, err_console
-from slmops.errors import InvalidModelError
+from slmops.errors import ConfigError, InvalidModelError
 
 if TYPE_CHECKING:
+    from slmops.core.wire import RuntimeTuning
     from slmops.runtime.host import ModelInfo
 
 
@@ -43,10 +51,73 @@ def _registered(ref: str, context: int) -> tuple[Path, ModelInfo]:
         registry.close()
 
 
+def _forced_threads(value: str) -> int | None:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ConfigError(f"--threads must be 'auto' or a positive integer; got {value!r}")
+    return threads
+
+
+def _measure(path: Path, digest: str, budget_s: float) -> RuntimeTuning:
+    """Measure the candidates in child processes, print them and the choice, set the chosen wait policy."""
+    from rich.table import Table
+
+    from slmops.runtime.tuning import TuningConfig, apply_wait_policy, tune
+
+    err_console.print(f"measuring serving configurations for up to {budget_s:g} s (--threads auto) ...")
+    outcome = tune(path, digest, config=TuningConfig(budget_s=budget_s))
+    chosen = outcome.tuning
+    table = Table("threads", "wait policy", "batch", "prefill tok/s", "decode tok/s", "")
+    for m in outcome.measurements:
+        c = m.candidate
+        mark = (
+            "chosen"
+            if (c.threads, c.omp_wait_policy, c.batch_tokens)
+            == (
+                chosen.threads,
+                chosen.omp_wait_policy,
+                chosen.batch_tokens,
+            )
+            else ""
+        )
+        table.add_row(
+            str(c.threads),
+            c.omp_wait_policy or "-",
+            str(c.batch_tokens),
+            f"{m.prefill_tokens_per_s:.1f}",
+            f"{m.decode_tokens_per_s:.1f}",
+            mark,
+        )
+    for c in outcome.not_measured:
+        table.add_row(str(c.threads), c.omp_wait_policy or "-", str(c.batch_tokens), "-", "-", "not measured (budget)")
+    err_console.print(table)
+    for failure in outcome.failures:
+        err_console.print(f"[yellow]not measured:[/] {failure}", highlight=False)
+    apply_wait_policy(chosen.omp_wait_policy)  # this process has not imported llama.cpp yet
+    err_console.print(
+        f"chose {chosen.threads} thread(s), OpenMP wait policy {chosen.omp_wait_policy or '- (one thread)'}, batch "
+        f"{chosen.batch_tokens}: {chosen.decode_tokens_per_s:.1f} decode tok/s, "
+        f"{chosen.prefill_tokens_per_s:.1f} prefill tok/s"
+    )
+    return chosen
+
+
 def serve(
     model: str = typer.Argument(..., help="A registered model (NAME, NAME@v2, NAME@stable) or a path to a .gguf file."),
     port: int = typer.Option(8080, help="Port on 127.0.0.1; 0 picks a free one."),
-    threads: int | None = typer.Option(None, min=1, help="CPU threads for llama.cpp (default: its own choice)."),
+    threads: str = typer.Option(
+        "auto",
+        help="CPU threads for llama.cpp: 'auto' measures candidates on this device first and serves the best; "
+        "an integer forces it.",
+    ),
+    tune_budget_s: float = typer.Option(
+        30.0, "--tune-budget-s", min=0.0, help="Seconds --threads auto may measure for (0: llama.cpp's default)."
+    ),
     context: int = typer.Option(2048, min=16, help="Context window in tokens (capped at the model's own)."),
     max_tokens: int = typer.Option(2048, min=1, help="Largest max_tokens a request may ask for."),
 ) -> None:
@@ -55,7 +126,7 @@ def serve(
     A registered model is verified (signature and digests) before it is loaded. The API listens on 127.0.0.1
     only; prompts and answers are never logged. Stop with Ctrl-C.
 
-    Example: slmops serve gemma3-270m --port 8080 --threads 2
+    Example: slmops serve gemma3-270m --port 8080 --threads auto
     """
     from slmops.runtime.backend import BackendConfig, LlamaCppBackend
     from slmops.runtime.host import ModelHost, ModelInfo
@@ -72,11 +143,18 @@ def serve(
         info = ModelInfo.from_gguf(path, context_tokens=min(context, trained) if trained else context)
     else:
         path, info = _registered(model, context)
+    forced = _forced_threads(threads)
+    batch = BackendConfig.batch_tokens
+    if forced is None and tune_budget_s > 0:
+        tuning = _measure(path, info.digest or info.model_id, tune_budget_s)
+        forced, batch = tuning.threads, tuning.batch_tokens
     # no telemetry leaves `slmops serve`, so prompts are not scored for drift (scoring costs time per request)
     backend = LlamaCppBackend.load(
         path,
         info.model_id,
-        BackendConfig(context_tokens=info.context_tokens, threads=threads, prompt_nll_sample_rate=0.0),
+        BackendConfig(
+            context_tokens=info.context_tokens, threads=forced, batch_tokens=batch, prompt_nll_sample_rate=0.0
+        ),
     )
     host = ModelHost()
     host.activate(backend, info)

@@ -202,6 +202,9 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
     app.include_router(routes_drift.router, prefix=API_PREFIX)
     app.include_router(routes_feedback.router, prefix=API_PREFIX)
     app.include_router(routes_sites.router, prefix=API_PREFIX)
+    from slmops.control import routes_tuf  # TUF metadata (off until a root is uploaded)
+
+    app.include_router(routes_tuf.router, prefix=API_PREFIX)
     if settings.ui:
         from slmops.ui import install_ui
 

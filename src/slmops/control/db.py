@@ -220,3 +220,4 @@ class DriftReferenceRow(Base):
 from slmops.control import alert_tables as _alert_tables  # noqa: E402,F401
 from slmops.control import feedback_tables as _feedback_tables  # noqa: E402,F401
 from slmops.control import site_tables as _site_tables  # noqa: E402,F401
+from slmops.control import tuf_tables as _tuf_tables  # noqa: E402,F401

@@ -112,10 +112,11 @@ _BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "b
         200: {"content": _BYTES, "description": "The whole blob"},
         206: {"content": _BYTES, "description": "The requested range"},
         304: {"description": "Not modified"},
+        307: {"description": "Fetch the blob (Range included) from this short-lived presigned object-storage URL"},
         416: {"model": ErrorBody, "description": "Range not satisfiable"},
         **errors(401, 403, 404, 422),
     },
-    summary="Blob bytes by digest, with Range / If-Range / ETag",
+    summary="Blob bytes by digest, with Range / If-Range / ETag, or a redirect to object storage",
 )
 def blob(
     digest: Digest,
@@ -132,15 +133,21 @@ def blob(
             )
     else:
         require_role(principal, "viewer")
-    path = plane.registry.blob_path(digest)
+    blobs = plane.registry.blobs
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
+        size = blobs.size(digest)
+    except NotFoundError:
         raise NotFoundError(f"blob {digest} is not on this server") from None
     etag = f'"{digest.removeprefix("sha256:")}"'
     headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, max-age=31536000, immutable"}
     if etag_matches(if_none_match, etag, weak=True):
         return Response(status_code=304, headers=headers)
+    url = blobs.presigned_url(digest, plane.settings.blob_url_expires_s)
+    if url is not None:
+        # Object storage serves the bytes (Range included); the URL is short-lived, so the answer is not cached.
+        # httpx and curl drop the Authorization header when they follow a redirect to another origin.
+        return Response(status_code=307, headers={"Location": url, "Cache-Control": "no-store", "ETag": etag})
+    path = blobs.local_path(digest)
     start, length, status_code = 0, size, 200
     if range is not None and (if_range is None or etag_matches(if_range, etag, weak=False)):
         try:

@@ -32,6 +32,7 @@ class ServerSettings(BaseSettings):
     enroll_claim_max_skew_s: float = Field(default=300.0, gt=0)
     enrollment_token_default_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     blob_chunk_bytes: int = Field(default=1 << 20, ge=4096)
+    blob_url_expires_s: int = Field(default=300, ge=1, le=7 * 86400)  # presigned blob URLs (S3 store) last this long
     auth_cache_ttl_s: float = Field(default=5.0, ge=0)  # how long an approved device credential is remembered
     desired_cache_ttl_s: float = Field(default=2.0, ge=0)  # how stale blueprints/releases/registry may be per poll
     rollout_controller: bool = True  # run the rollout controller loop in this server (one replica holds the lease)

@@ -142,7 +142,7 @@ class ModelSpec(_Strict):
 class PolicySpec(_Strict):
     """The fields of :class:`slmops.core.selection.VariantPolicy`."""
 
-    objective: Literal["best_quality", "smallest_within"] = "best_quality"
+    objective: Literal["best_quality", "smallest_within", "fastest_within"] = "best_quality"
     max_memory_fraction: float = Field(default=0.5, gt=0, le=1)
     min_decode_tokens_per_s: float | None = Field(default=None, ge=0)
     max_perplexity_increase_pct: float = Field(default=5.0, ge=0)

@@ -8,7 +8,9 @@ device profile, ``peak_rss_bytes@<profile>``, ``decode_tokens_per_s@<profile>``,
   ``context_tokens`` (the smallest estimated context at least that long, else the largest one, else the load
   estimate);
 - decode speed: only the profile's own measurement (``decode_tokens_per_s@<profile>``); a speed measured for another
-  thread count is not this class's speed, so it is left unknown.
+  thread count is not this class's speed, so it is left unknown;
+- runtime: :func:`runtime_of` the manifest (llama.cpp for GGUF, ONNX Runtime GenAI for an ONNX directory with
+  ``genai_config.json``, None for what no runtime serves), which the chooser checks against the device's runtimes.
 """
 
 from __future__ import annotations
@@ -26,8 +28,20 @@ __all__ = [
     "estimated_memory_bytes",
     "pair_candidate",
     "profile_metric",
+    "runtime_of",
     "version_label",
 ]
+
+GENAI_CONFIG_FILE = "genai_config.json"
+
+
+def runtime_of(manifest: Manifest) -> str | None:
+    """The runtime that serves a version (a key of :data:`slmops.core.wire.RUNTIME_FORMATS`), or None."""
+    if manifest.format == "gguf":
+        return "llama.cpp"
+    if manifest.format == "onnx" and any(f.path.rsplit("/", 1)[-1] == GENAI_CONFIG_FILE for f in manifest.files):
+        return "onnxruntime-genai"
+    return None
 
 
 def profile_metric(metric: str, profile: str) -> str:
@@ -74,6 +88,7 @@ def candidate_from_manifest(
         perplexity=metrics.get("perplexity"),
         accuracy=metrics.get("accuracy"),
         decode_tokens_per_s=speed,
+        runtime=runtime_of(m),
     )
 
 

@@ -174,7 +174,8 @@ def _decide(device: DeviceFacts, applied: AppliedBlueprint, found: ModelCandidat
     choosable = [e for e in found.versions if adapter_base(e.manifest) is None or e.digest == found.base_digest]
     candidates = [c for c in (_candidate(e, found, spec.runtime.context_tokens) for e in choosable) if c is not None]
     memory = device.capabilities.memory_bytes if device.capabilities is not None else 0
-    choice = choose_variant(candidates, memory, spec.variant.effective_policy())
+    runtimes = device.capabilities.runtimes if device.capabilities is not None else None
+    choice = choose_variant(candidates, memory, spec.variant.effective_policy(), runtimes=runtimes)
     if choice.chosen is None:
         if not candidates and choosable:
             return _Decision(None, _model_or_problem(choosable[0], found)[1])
@@ -215,7 +216,8 @@ def _local(
     pair = pair_candidate(adapter, under, None, spec.runtime.context_tokens)
     memory = device.capabilities.memory_bytes if device.capabilities is not None else 0
     policy = spec.variant.effective_policy()
-    check = choose_variant([pair], memory, policy)
+    runtimes = device.capabilities.runtimes if device.capabilities is not None else None
+    check = choose_variant([pair], memory, policy, runtimes=runtimes)
     if check.chosen is None:
         reason = check.rejected[0].reason if check.rejected else check.explanation
         dropped = [*local.dropped, f"adapter {option.name}: {reason}"]

@@ -65,7 +65,7 @@ MAX_EVENTS_PER_REPORT = 100
 
 
 # The inference runtimes a device can run, by the manifest format each one serves.
-RUNTIME_FORMATS: dict[str, str] = {"llama.cpp": "gguf", "onnxruntime-genai": "onnx-genai", "executorch": "pte"}
+RUNTIME_FORMATS: dict[str, str] = {"llama.cpp": "gguf", "onnxruntime-genai": "onnx"}
 
 
 class RuntimeTuning(_Wire):

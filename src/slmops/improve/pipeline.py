@@ -28,7 +28,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,8 +55,10 @@ from slmops.registry.service import Registry
 
 if TYPE_CHECKING:
     from slmops.control.client import OperatorClient
+    from slmops.control.schemas import ReleasePublic
+    from slmops.core.rollout import RolloutPolicy
 
-__all__ = ["ImproveReport", "StepRecord", "run_improve"]
+__all__ = ["ImproveReport", "StepRecord", "run_improve", "start_or_keep_release", "timed_step"]
 
 ProgressFactory = Callable[[str], PassProgress]
 _ENDED_BADLY = ("aborted", "halted")  # a release to the same version in these states is not resumed but started anew
@@ -123,6 +125,35 @@ class ImproveReport:
         }
 
 
+@contextmanager
+def timed_step(steps: list[StepRecord], name: str) -> Iterator[StepRecord]:
+    """Time one step of a run and append its record to ``steps``, also when it raises."""
+    record = StepRecord(name, cached=False, seconds=0.0)
+    started = time.perf_counter()
+    try:
+        yield record
+    finally:
+        record.seconds = time.perf_counter() - started
+        steps.append(record)
+
+
+def start_or_keep_release(
+    client: OperatorClient,
+    blueprint: str,
+    digest: str,
+    policy: RolloutPolicy | None,
+    existing: list[ReleasePublic] | None = None,
+) -> tuple[ReleasePublic, bool]:
+    """The release of ``blueprint`` to ``digest``: an existing one unless it was aborted or halted (then a new one is
+    started), and whether it was kept. ``existing`` saves a listing when the caller already has one."""
+    from slmops.control.schemas import ReleaseStart
+
+    for r in existing if existing is not None else client.rollouts():
+        if r.blueprint == blueprint and r.to_digest == digest and r.state not in _ENDED_BADLY:
+            return r, True
+    return client.start_rollout(ReleaseStart(blueprint=blueprint, to=digest, policy=policy)), False
+
+
 class _Run:
     def __init__(
         self,
@@ -140,15 +171,8 @@ class _Run:
         self.steps = StepCache(root)
         self.report = ImproveReport(spec.name)
 
-    @contextmanager
-    def step(self, name: str) -> Iterator[StepRecord]:
-        record = StepRecord(name, cached=False, seconds=0.0)
-        started = time.perf_counter()
-        try:
-            yield record
-        finally:
-            record.seconds = time.perf_counter() - started
-            self.report.steps.append(record)
+    def step(self, name: str) -> AbstractContextManager[StepRecord]:
+        return timed_step(self.report.steps, name)
 
     # ------------------------------------------------------------------------------------------------- steps
 
@@ -317,24 +341,16 @@ class _Run:
             return envelope
 
     def release(self, envelope: SignedManifest) -> None:
-        from slmops.control.schemas import ReleaseStart
-
         release = self.spec.release
         if release is None or self.client is None:
             return
         with self.step("release") as record:
-            for existing in self.client.rollouts():
-                same = existing.blueprint == release.blueprint and existing.to_digest == envelope.digest
-                if same and existing.state not in _ENDED_BADLY:
-                    record.cached = True
-                    record.numbers = {"release": existing.id, "state": existing.state}
-                    self.report.release_id = existing.id
-                    return
-            started = self.client.start_rollout(
-                ReleaseStart(blueprint=release.blueprint, to=envelope.digest, policy=release.policy)
-            )
-            record.numbers = {"release": started.id, "state": started.state, "from": started.from_version}
-            self.report.release_id = started.id
+            found, kept = start_or_keep_release(self.client, release.blueprint, envelope.digest, release.policy)
+            record.cached = kept
+            record.numbers = {"release": found.id, "state": found.state}
+            if not kept:
+                record.numbers["from"] = found.from_version
+            self.report.release_id = found.id
 
 
 def _lines(path: Path) -> int:

@@ -84,6 +84,7 @@ PASS_MODULES: tuple[str, ...] = (
     "slmops.optimize.lora",
     "slmops.optimize.gguf_lora",
     "slmops.optimize.distill",
+    "slmops.optimize.export_onnx_genai",
 )
 """Modules that define the built-in passes; imported (cheaply: no heavy imports at module level) on first lookup."""
 

@@ -1,4 +1,7 @@
-"""The variant report: one row per version in a model's lineage, and a Pareto plot of size against perplexity."""
+"""The variant report: one row per version in a model's lineage, and a Pareto plot of size against perplexity.
+
+Rows of every runtime sit together: a GGUF variant and an ONNX Runtime GenAI export of the same source are measured
+on the same token ids (see :mod:`slmops.optimize.evaluate`), and ``runtime`` says which one serves each row."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops.config import Settings
+from slmops.core.candidates import runtime_of
 from slmops.core.lineage import LineageNode, step_summary
 from slmops.errors import MissingExtraError
 from slmops.registry.service import Registry
@@ -31,6 +35,7 @@ class ReportRow:
     decode_tokens_per_s: float | None
     is_source: bool
     metrics_from: str  # "manifest", "last optimize run" (a source's manifest cannot change) or "none"
+    runtime: str | None = "llama.cpp"  # what serves it: llama.cpp (GGUF), onnxruntime-genai, or None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +89,7 @@ def report_rows(registry: Registry, name: str, settings: Settings | None = None)
                 decode_tokens_per_s=metrics.get("decode_tokens_per_s"),
                 is_source=node is root,
                 metrics_from=origin,
+                runtime=runtime_of(m),
             )
         )
     return rows

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from slmops.registry.sources import InspectedModel
 
 __all__ = [
+    "Evaluation",
     "ProgressFactory",
     "RunResult",
     "StepCache",
@@ -290,7 +291,7 @@ def _gguf_source(registry: Registry, ref: str) -> SignedManifest:
 
 
 @dataclass(frozen=True)
-class _Evaluation:
+class Evaluation:
     """One run's evaluation: the same token ids for every file, metrics cached by (file, settings, tokens, machine)."""
 
     root: Path
@@ -299,9 +300,10 @@ class _Evaluation:
     token_digest: str
     machine: str
     progress_factory: ProgressFactory
+    source_path: Path
 
     @classmethod
-    def prepare(cls, recipe: Recipe, source_path: Path, root: Path, progress_factory: ProgressFactory) -> _Evaluation:
+    def prepare(cls, recipe: Recipe, source_path: Path, root: Path, progress_factory: ProgressFactory) -> Evaluation:
         """Tokenize the evaluation text and tasks once, with the source's tokenizer."""
         from slmops.optimize._data import load_tasks, read_text
         from slmops.optimize.evaluate import machine_label, tokenize_for_eval
@@ -315,7 +317,7 @@ class _Evaluation:
                 [list(tokens.text), [[list(t.prompt), [list(o) for o in t.options], t.answer] for t in tokens.tasks]]
             )
         )
-        return cls(root, spec, tokens, token_digest, machine, progress_factory)
+        return cls(root, spec, tokens, token_digest, machine, progress_factory, source_path)
 
     def metrics(self, path: Path, digest: str, label: str) -> tuple[dict[str, float], bool]:
         """(metrics of the file, whether they came from the cache)."""
@@ -324,6 +326,30 @@ class _Evaluation:
             return json.loads(key_file.read_text(encoding="utf-8"))["metrics"], True
         metrics = evaluate_file(path, self.tokens, self.spec, progress_factory=self.progress_factory, label=label)
         atomic_json(key_file, {"metrics": metrics, "measured_on": self.machine, "file": digest})
+        return metrics, False
+
+    def onnx_genai_metrics(self, path: Path, digest: str, label: str) -> tuple[dict[str, float], bool]:
+        """(metrics of an ONNX Runtime GenAI model directory under the GGUF metrics' keys, whether cached); the
+        same token ids as the GGUF variants (BOS: the source tokenizer's, when it adds one)."""
+        from slmops.optimize._llama import LlamaSession
+        from slmops.optimize.evaluate import evaluate_onnx_genai_dir
+
+        key_file = self.root / "evals" / f"{_eval_key(digest, self.spec, self.token_digest, self.machine)}.json"
+        if key_file.exists():
+            return json.loads(key_file.read_text(encoding="utf-8"))["metrics"], True
+        with LlamaSession(self.source_path, vocab_only=True) as session:
+            bos = session.bos if session.add_bos else None
+        metrics = evaluate_onnx_genai_dir(
+            path,
+            self.tokens,
+            bos=bos,
+            context_tokens=self.spec.context_tokens,
+            threads=_threads(self.spec),
+            profiles=[DEVICE_PROFILES[name] for name in self.spec.device_profiles],
+            speed_prompt_tokens=self.spec.speed_prompt_tokens,
+            speed_decode_tokens=self.spec.speed_decode_tokens,
+        )
+        atomic_json(key_file, {"metrics": metrics, "measured_on": self.machine, "file": digest, "label": label})
         return metrics, False
 
     def source_metrics(self, source: SignedManifest, source_path: Path) -> dict[str, float]:
@@ -354,7 +380,7 @@ class _VariantMaker:
     recipe: Recipe
     source: SignedManifest
     steps: StepCache
-    evaluation: _Evaluation
+    evaluation: Evaluation
     progress_factory: ProgressFactory
     made: dict[tuple[tuple[str, str], ...], SignedManifest] = field(default_factory=dict)
 
@@ -404,14 +430,18 @@ class _VariantMaker:
         return path, digest, outcomes
 
     def _measure(self, path: Path, digest: str, label: str) -> tuple[InspectedModel, dict[str, float], bool]:
-        """(what the output is, its metrics, whether they were cached); only GGUF runs through the evaluation."""
+        """(what the output is, its metrics, whether they were cached); GGUF and ONNX GenAI are evaluated."""
         from slmops.registry.sources import inspect_source
 
         inspected = inspect_source(path)
         if inspected.format == "gguf":
             metrics, cached = self.evaluation.metrics(path, digest, label)
             return inspected, metrics, cached
-        # the evaluation harness runs GGUF through llama.cpp; export to GGUF to measure the rest
+        if inspected.format == "onnx" and "genai_config.json" in inspected.files:
+            metrics, cached = self.evaluation.onnx_genai_metrics(path, digest, label)
+            return inspected, metrics, cached
+        # the evaluation harness runs GGUF through llama.cpp and ONNX GenAI through its runtime; export to one of
+        # them to measure the rest
         return inspected, {"size_bytes": float(sum(p.stat().st_size for p in inspected.files.values()))}, False
 
 
@@ -427,7 +457,7 @@ def run_recipe(
     source = _gguf_source(registry, recipe.source)
     root = cache_dir(settings)
     source_path = registry.blob_path(source.manifest.files[0].digest)
-    evaluation = _Evaluation.prepare(recipe, source_path, root, progress_factory)
+    evaluation = Evaluation.prepare(recipe, source_path, root, progress_factory)
     source_metrics = evaluation.source_metrics(source, source_path) if recipe.evaluation.evaluate_source else {}
     maker = _VariantMaker(registry, recipe, source, StepCache(root), evaluation, progress_factory)
     outcomes: list[VariantOutcome] = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slmops.registry.blobstore import BlobRef, BlobStore, DirectoryBlobStore, hash_file
+from slmops.registry.blobstore import BlobRef, BlobStore, DirectoryBlobStore, hash_file, open_blob_store
 from slmops.registry.bundle import BundleContents, export_bundle, import_bundle
 from slmops.registry.pull import KNOWN_MODELS, pull
 from slmops.registry.service import (
@@ -34,6 +34,7 @@ __all__ = [
     "export_bundle",
     "hash_file",
     "import_bundle",
+    "open_blob_store",
     "parse_ref",
     "pull",
     "verify_envelope",

@@ -5,6 +5,12 @@ hash while they write, fsync, verify the digest, then ``os.replace`` the file to
 directory. Two processes writing the same blob both end with the same bytes under the same name; a writer killed
 half-way leaves only a ``.tmp-`` file that readers never see and :meth:`DirectoryBlobStore.sweep_temporary`
 removes.
+
+Two stores implement :class:`BlobStore`: :class:`DirectoryBlobStore` (the default) and
+:class:`~slmops.registry.s3store.S3BlobStore` (S3-compatible object storage, ``SLMOPS_BLOB_URL=s3://...``);
+:func:`open_blob_store` picks one from the settings. Code that needs a file on the local disk (a runtime loading a
+GGUF file) asks :meth:`BlobStore.local_path`; the control plane asks :meth:`BlobStore.presigned_url` whether the
+agents can fetch a blob from the store directly.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol
+from typing import IO, TYPE_CHECKING, BinaryIO, Protocol
 
 from slmops.errors import ConfigError, IntegrityError, NotFoundError
+
+if TYPE_CHECKING:
+    from slmops.config import Settings
 
 __all__ = [
     "CHUNK_BYTES",
@@ -29,6 +38,7 @@ __all__ = [
     "DirectoryBlobStore",
     "Progress",
     "hash_file",
+    "open_blob_store",
 ]
 
 CHUNK_BYTES = 1 << 20
@@ -74,7 +84,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 class BlobStore(Protocol):
-    """Where blob bytes live. The registry only ever talks to this interface."""
+    """Where blob bytes live. The registry only ever talks to this interface.
+
+    ``root`` is a local directory the store owns: the blobs themselves, or (object storage) the read-through cache
+    that :meth:`local_path` fills; callers may put scratch directories in it (same filesystem as local copies).
+    """
+
+    root: Path
+
+    def initialize(self) -> None: ...
 
     def has(self, digest: str) -> bool: ...
 
@@ -91,6 +109,43 @@ class BlobStore(Protocol):
     def delete(self, digest: str) -> None: ...
 
     def digests(self) -> Iterator[str]: ...
+
+    def verify(self, digest: str, progress: Progress | None = None) -> BlobRef:
+        """Re-hash a stored blob; the returned digest is what the bytes really are."""
+        ...
+
+    def modified_at(self, digest: str) -> float:
+        """When the blob was stored (epoch seconds); the registry's garbage collection spares young blobs."""
+        ...
+
+    def sweep_temporary(self, older_than_s: float, now: float | None = None) -> int:
+        """Remove what writers that died left behind; returns how many leftovers were removed."""
+        ...
+
+    def local_path(self, digest: str) -> Path:
+        """A local file holding the blob's verified bytes (the blob itself, or a cached copy); never write to it."""
+        ...
+
+    def presigned_url(self, digest: str, expires_s: int) -> str | None:
+        """A URL anyone holding it may GET the blob from for ``expires_s``, or None: serve the bytes yourself."""
+        ...
+
+
+def open_blob_store(settings: Settings) -> BlobStore:
+    """The blob store the settings name: ``SLMOPS_BLOB_URL=s3://...`` or the blob directory under SLMOPS_HOME."""
+    url = settings.blob_url
+    if not url:
+        return DirectoryBlobStore(settings.blob_dir)
+    if url.startswith("s3://"):
+        from slmops.registry.s3store import S3BlobStore
+
+        return S3BlobStore.from_settings(settings)
+    if url.startswith("file://"):
+        return DirectoryBlobStore(Path(url.removeprefix("file://")).expanduser())
+    raise ConfigError(
+        f"SLMOPS_BLOB_URL is {url!r}; expected s3://BUCKET/PREFIX (object storage) or file:///DIR (a directory), "
+        "or leave it unset for the blob directory under SLMOPS_HOME"
+    )
 
 
 class DirectoryBlobStore:
@@ -111,6 +166,15 @@ class DirectoryBlobStore:
     def path(self, digest: str) -> Path:
         """The local file of a blob (it may not exist)."""
         return self._dir / _hex(digest)
+
+    def local_path(self, digest: str) -> Path:
+        path = self.path(digest)
+        if not path.is_file():
+            raise NotFoundError(f"blob {digest} is not in {self._dir}")
+        return path
+
+    def presigned_url(self, digest: str, expires_s: int) -> str | None:
+        return None  # a directory has no URL of its own: the control plane serves the bytes
 
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
@@ -202,4 +266,7 @@ class DirectoryBlobStore:
         return removed
 
     def modified_at(self, digest: str) -> float:
-        return self.path(digest).stat().st_mtime
+        try:
+            return self.path(digest).stat().st_mtime
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest} is not in {self._dir}") from None

@@ -35,7 +35,7 @@ from slmops.registry.db import Base
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from slmops.registry.blobstore import DirectoryBlobStore
+    from slmops.registry.blobstore import BlobStore
     from slmops.registry.service import Registry
 
 __all__ = [
@@ -180,7 +180,7 @@ def dataset_blob_digests(session: Session) -> set[str]:
 class DatasetRegistry:
     """The dataset versions of one registry (its database and blob store)."""
 
-    def __init__(self, engine: Engine, blobs: DirectoryBlobStore, clock: Callable[[], datetime]) -> None:
+    def __init__(self, engine: Engine, blobs: BlobStore, clock: Callable[[], datetime]) -> None:
         self.engine = engine
         self.blobs = blobs
         self.clock = clock

@@ -33,7 +33,7 @@ from slmops.core.manifest import (
 )
 from slmops.core.requirements import estimate_requirements
 from slmops.errors import ConflictError, IntegrityError, NotFoundError, SLMOpsError
-from slmops.registry.blobstore import BlobRef, DirectoryBlobStore, Progress
+from slmops.registry.blobstore import BlobRef, BlobStore, Progress, open_blob_store
 from slmops.registry.datasets import dataset_blob_digests
 from slmops.registry.db import AliasRow, FileRow, ParentRow, VersionRow, make_engine, migrate
 from slmops.registry.signing import KeyRing, verify_envelope
@@ -130,7 +130,7 @@ class Registry:
     """Model versions, blobs and aliases under one SLMOPS_HOME (or a database URL plus a blob directory)."""
 
     def __init__(
-        self, engine: Engine, blobs: DirectoryBlobStore, keys: KeyRing, clock: Callable[[], datetime] = _utcnow
+        self, engine: Engine, blobs: BlobStore, keys: KeyRing, clock: Callable[[], datetime] = _utcnow
     ) -> None:
         self.engine = engine
         self.blobs = blobs
@@ -144,7 +144,7 @@ class Registry:
         home.mkdir(parents=True, exist_ok=True)
         registry = cls(
             make_engine(settings.resolved_database_url),
-            DirectoryBlobStore(settings.blob_dir),
+            open_blob_store(settings),
             KeyRing(settings.key_dir),
         )
         registry.initialize()
@@ -535,7 +535,8 @@ class Registry:
         return f"no model named '{name}' ({hint}); import one with `slmops model import PATH --name NAME`"
 
     def blob_path(self, digest: str) -> Path:
-        return self.blobs.path(digest)
+        """A local file with the blob's verified bytes (the blob itself, or a cached copy from object storage)."""
+        return self.blobs.local_path(digest)
 
     # ------------------------------------------------------------------ checking
 

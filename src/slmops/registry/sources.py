@@ -198,6 +198,20 @@ def _inspect_hf(root: Path, files: dict[str, Path], skipped: list[str]) -> Inspe
 
 
 def _inspect_onnx(root: Path, files: dict[str, Path], skipped: list[str]) -> InspectedModel:
+    if "genai_config.json" in files:  # an ONNX Runtime GenAI model directory (see slmops.runtime.backends)
+        from slmops.registry.formats.onnx_genai import onnx_genai_facts, read_onnx_genai
+
+        info_genai = read_onnx_genai(root)
+        runtime_genai = hf_runtime_hints(_optional_json(files, "tokenizer_config.json"), None, None)
+        return InspectedModel(
+            format="onnx",
+            root=root,
+            files=files,
+            facts=onnx_genai_facts(info_genai),
+            runtime=runtime_genai,
+            weight_bytes=info_genai.weight_bytes,
+            skipped=skipped,
+        )
     models = sorted(rel for rel in files if rel.endswith(".onnx"))
     infos = [read_onnx(files[rel], root) for rel in models]
     external = {name for info in infos for name in info.external_files}

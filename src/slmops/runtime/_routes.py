@@ -230,7 +230,7 @@ async def _generate(
         return api.reject(exc)
     operation: Operation = "chat" if kind == "chat" else "text_completion"
     generation = Generation(api.executor, api.stats, stack, backend, info, started, api.metrics, operation)
-    generation.start(prompt, sampling)
+    generation.start(prompt, sampling, stream=body.stream)
     headers = {CLAMPED_HEADER: ",".join(clamped)} if clamped else {}
     return await _respond(api, generation, body, kind, recording, headers)
 
@@ -258,7 +258,8 @@ async def _respond(
         if event[0] == "error":
             return error_response(event[1])
         text = "".join(pieces)
-        await asyncio.to_thread(api.record, recording, ident, generation.info, text)
+        if api.feedback is not None:  # recorded before the answer, so its id can be rated as soon as it arrives
+            await asyncio.to_thread(api.record, recording, ident, generation.info, text)
         return JSONResponse(full_response(kind, ident, created, model_id, text, event[1]), headers=headers)
 
     chunk = chunker(kind, ident, created, model_id, body.include_usage())
@@ -278,7 +279,8 @@ async def _respond(
                     yield sse(chunk({} if kind == "chat" else "", done.finish_reason))
                     if body.include_usage():
                         yield sse(usage_chunk(chunk, done))
-                    await asyncio.to_thread(api.record, recording, ident, generation.info, "".join(pieces))
+                    if api.feedback is not None:
+                        await asyncio.to_thread(api.record, recording, ident, generation.info, "".join(pieces))
                     break
                 else:
                     yield sse(error_body(event[1]))

@@ -2,6 +2,17 @@
 
 A backend is not thread-safe: :class:`slmops.runtime.host.ModelHost` serializes calls to each backend it holds.
 Prompts and generated text stay in memory; nothing here logs them.
+
+Prefix reuse. Requests of a fleet app share a system prompt (a site may set its own), so their prompts begin with
+the same few hundred tokens. llama-cpp-python's ``Llama`` reuses the longest prefix a prompt shares with the
+previous evaluation in its context, which helps only while requests with one system prompt follow each other:
+requests of two apps or sites interleaved, or a prompt scored for drift (:func:`prompt_nll` resets the context),
+evaluate the whole prompt again. Its own ``LlamaRAMCache`` saves the full state (KV cache and the logits array,
+``n_batch x n_vocab`` floats: 512 MiB for Gemma 3's vocabulary) after every completion, which costs seconds.
+So :class:`LlamaCppBackend` keeps a :class:`PrefixCache`: the llama.cpp sequence state (KV cells only, about
+18 KB a token on gemma3-270m) saved at the point where a prompt stops repeating a recent prompt, restored when a
+later prompt shares more with a saved state than with the live context, least recently used out past
+``BackendConfig.prefix_cache_bytes``.
 """
 
 from __future__ import annotations
@@ -9,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +31,37 @@ from slmops.errors import MissingExtraError, RuntimeBackendError
 if TYPE_CHECKING:
     import llama_cpp
 
-__all__ = ["Backend", "BackendConfig", "Completion", "LlamaCppBackend", "Sampling", "TextStream", "prompt_nll"]
+__all__ = [
+    "Backend",
+    "BackendConfig",
+    "Completion",
+    "LlamaCppBackend",
+    "PrefixCache",
+    "PrefixCacheStats",
+    "Sampling",
+    "TextStream",
+    "common_prefix_length",
+    "prompt_nll",
+]
 
 
 def _import_llama_cpp() -> Any:
-    """Import llama_cpp; first make OpenMP threads sleep rather than spin while they wait (unless the user chose).
+    """Import llama_cpp, with the OpenMP wait policy that was chosen for this process, or a fallback.
 
-    llama.cpp's OpenMP threads busy-wait by default. On a device whose cores are also busy with other work that
-    collapses throughput: gemma3-270m on 2 threads of a loaded 2-core VM decoded 31 tokens in 30 s spinning and
-    8.6 tokens/s with ``OMP_WAIT_POLICY=passive``. The variable only counts before the OpenMP runtime loads,
-    i.e. before the first ``import llama_cpp`` in the process.
+    ``OMP_WAIT_POLICY`` only counts before the OpenMP runtime loads, i.e. before the first ``import llama_cpp`` in
+    the process. Whoever knows better sets it first: the user's environment, or the measured tuning of the model
+    about to be served (:func:`slmops.runtime.tuning.apply_wait_policy`, called by ``slmops serve --threads auto``
+    and the agent before they load a model; the measurements themselves run in child processes started with each
+    policy). Only when nothing set it does this fall back to ``passive``: sleeping threads cannot collapse a
+    device whose cores are busy with other work (gemma3-270m on 2 spinning threads of a loaded 2-core VM decoded
+    31 tokens in 30 s), though on an idle device 2 passive threads decode at half the speed of 2 spinning ones,
+    which is why the choice is measured where it can be.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    import sys
+
+    if "llama_cpp" not in sys.modules and not os.environ.get("OMP_WAIT_POLICY"):
+        os.environ["OMP_WAIT_POLICY"] = "passive"  # the fallback when no measurement or user chose (see above)
+        os.environ["SLMOPS_SET_OMP_WAIT_POLICY"] = "passive"  # not the user's choice (slmops.runtime.tuning)
     try:
         import llama_cpp
     except ImportError as exc:
@@ -47,6 +78,10 @@ class BackendConfig:
     request); a scored request's NLL is the mean negative log-likelihood, in nats per token, of its first
     ``prompt_nll_max_tokens`` prompt tokens after the first, each predicted from the tokens before it. See
     :func:`prompt_nll` for its cost.
+
+    ``prefix_cache_bytes`` bounds the saved states of shared prompt prefixes (see the module docstring); 0 turns
+    prefix reuse beyond llama.cpp's own off. The default holds about 3,600 tokens of gemma3-270m's KV cache, a
+    dozen system prompts of 300 tokens.
     """
 
     context_tokens: int = 2048
@@ -57,6 +92,7 @@ class BackendConfig:
     prompt_nll_max_tokens: int = 32
     lora_path: Path | None = None  # a GGUF LoRA adapter loaded over the model (see slmops.core.adapters)
     lora_scale: float = 1.0
+    prefix_cache_bytes: int = 64 * 2**20
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_path, str):  # from JSON (the probe's child process)
@@ -65,6 +101,8 @@ class BackendConfig:
             raise ValueError(f"prompt_nll_sample_rate must be in [0, 1] (0 = off); got {self.prompt_nll_sample_rate}")
         if self.prompt_nll_max_tokens < 1:
             raise ValueError(f"prompt_nll_max_tokens must be at least 1; got {self.prompt_nll_max_tokens}")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be at least 0 (0 = off); got {self.prefix_cache_bytes}")
 
 
 class Sampling(TypedDict, total=False):
@@ -213,6 +251,143 @@ def prompt_nll(llama: llama_cpp.Llama, tokens: Sequence[int], max_tokens: int) -
     return value if math.isfinite(value) else None
 
 
+PREFIX_CACHE_MIN_TOKENS = 16  # shorter shared prefixes are cheaper to evaluate again than to save and restore
+_RECENT_PROMPTS = 16  # prompts remembered (token ids only) to notice a prefix that repeats
+_MAX_REPLAY_TOKENS = 64  # live tokens past a prefix boundary worth re-evaluating to save the state at that boundary
+
+
+PREFIX_ALIGN_TOKENS = NLL_CHUNK_TOKENS  # prompts are split only at multiples of this (LlamaCppBackend._reuse_prefix)
+
+
+def _aligned(n: int) -> int:
+    return n - n % PREFIX_ALIGN_TOKENS
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids ``a`` and ``b`` share."""
+    import numpy as np
+
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(differ[0]) if len(differ) else n
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    """Counters of a :class:`PrefixCache` since it was made, and what it holds now.
+
+    A request is a ``hit`` when a saved state was restored for it, ``live`` when the prefix it shares with earlier
+    prompts was still in the context from the request before (llama.cpp reuses that by itself), and a ``miss`` when
+    it shares a prefix of at least ``min_tokens`` with no saved state nor the context (its first or second sight).
+    ``reused_tokens`` counts the prompt tokens restored instead of evaluated.
+    """
+
+    hits: int
+    live: int
+    misses: int
+    stores: int
+    evictions: int
+    reused_tokens: int
+    entries: int
+    bytes: int
+    capacity_bytes: int
+
+
+@dataclass
+class _Entry:
+    tokens: tuple[int, ...]
+    state: bytearray
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.state) + 4 * len(self.tokens)
+
+
+class PrefixCache:
+    """Evaluated model states of prompt prefixes, least recently used first out, bounded by ``capacity_bytes``.
+
+    An entry is the llama.cpp sequence state (its KV cache cells) after exactly ``tokens`` were evaluated, under a
+    ``namespace`` naming everything besides the tokens that shaped that state (the LoRA adapter and its scale).
+    :meth:`lookup` finds, within a namespace, the entry sharing the longest prefix with a prompt: an entry is usable
+    for any prefix of its tokens, since the KV cells past the shared part can be dropped after restoring. The cache
+    also remembers the token ids of the last prompts, so :meth:`shared_prefix` can tell where a prompt stops
+    repeating earlier ones (a system prompt and its chat template frame): that is where a state is worth saving.
+    Pure bookkeeping: the backend saves and restores the states.
+    """
+
+    def __init__(self, capacity_bytes: int, *, min_tokens: int = PREFIX_CACHE_MIN_TOKENS) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.min_tokens = min_tokens
+        self._entries: OrderedDict[tuple[str, tuple[int, ...]], _Entry] = OrderedDict()
+        self._recent: deque[tuple[str, tuple[int, ...]]] = deque(maxlen=_RECENT_PROMPTS)
+        self._bytes = 0
+        self.hits = self.live = self.misses = self.stores = self.evictions = self.reused_tokens = 0
+
+    def lookup(self, namespace: str, tokens: Sequence[int]) -> tuple[tuple[int, ...], bytearray, int] | None:
+        """The (tokens, state, shared length) of the entry sharing the longest prefix (at least ``min_tokens``)
+        with ``tokens`` in ``namespace``, marked most recently used; None when there is none."""
+        best: tuple[tuple[str, tuple[int, ...]], int] | None = None
+        for key, entry in self._entries.items():
+            if key[0] != namespace:
+                continue
+            shared = common_prefix_length(entry.tokens, tokens)
+            if shared >= self.min_tokens and (best is None or shared > best[1]):
+                best = (key, shared)
+        if best is None:
+            return None
+        self._entries.move_to_end(best[0])
+        entry = self._entries[best[0]]
+        return entry.tokens, entry.state, best[1]
+
+    def shared_prefix(self, namespace: str, tokens: Sequence[int]) -> int:
+        """The longest prefix ``tokens`` share with one of the recent prompts of ``namespace``, then remember them."""
+        key = (namespace, tuple(tokens))
+        shared = max(
+            (common_prefix_length(seen, key[1]) for space, seen in self._recent if space == namespace), default=0
+        )
+        self._recent.append(key)
+        return shared
+
+    def put(self, namespace: str, tokens: Sequence[int], state: bytearray) -> bool:
+        """Keep ``state`` for ``tokens``, evicting the least recently used entries until it fits; False (nothing
+        kept) when it alone is larger than the capacity."""
+        key = (namespace, tuple(tokens))
+        entry = _Entry(key[1], state)
+        if entry.size_bytes > self.capacity_bytes:
+            return False
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size_bytes
+        while self._entries and self._bytes + entry.size_bytes > self.capacity_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.size_bytes
+            self.evictions += 1
+        self._entries[key] = entry
+        self._bytes += entry.size_bytes
+        self.stores += 1
+        return True
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._recent.clear()
+        self._bytes = 0
+
+    def stats(self) -> PrefixCacheStats:
+        return PrefixCacheStats(
+            hits=self.hits,
+            live=self.live,
+            misses=self.misses,
+            stores=self.stores,
+            evictions=self.evictions,
+            reused_tokens=self.reused_tokens,
+            entries=len(self._entries),
+            bytes=self._bytes,
+            capacity_bytes=self.capacity_bytes,
+        )
+
+
 def _attach_lora(llama_cpp: Any, llama: llama_cpp.Llama, model_id: str, path: Path, scale: float) -> None:
     """Load the GGUF LoRA adapter at ``path`` over ``llama``'s model and make its context use it at ``scale``.
 
@@ -257,6 +432,8 @@ class LlamaCppBackend:
     does not fit at all raises :class:`RuntimeBackendError`.
     A fraction ``config.prompt_nll_sample_rate`` of the streams (chosen by a RNG seeded with ``config.seed``)
     carries the prompt's NLL (:func:`prompt_nll`).
+    Prompts sharing a prefix of at least ``PREFIX_CACHE_MIN_TOKENS`` with recent prompts reuse its saved state
+    (:class:`PrefixCache`, bounded by ``config.prefix_cache_bytes``); :meth:`prefix_cache_stats` counts how often.
     """
 
     def __init__(self, llama: llama_cpp.Llama, model_id: str, config: BackendConfig) -> None:
@@ -265,6 +442,9 @@ class LlamaCppBackend:
         self.config = config
         self._closed = False
         self._nll_rng = random.Random(config.seed)
+        self._prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
+        # A state depends on the adapter that shaped it, not only on the tokens.
+        self._cache_namespace = f"lora={config.lora_path}@{config.lora_scale}" if config.lora_path else "base"
 
     @classmethod
     def load(cls, model_path: Path, model_id: str, config: BackendConfig) -> LlamaCppBackend:
@@ -317,6 +497,100 @@ class LlamaCppBackend:
     def count_tokens(self, text: str) -> int:
         return len(self._tokens(text))
 
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The prefix cache's counters and size; None when ``config.prefix_cache_bytes`` is 0."""
+        return self._prefix_cache.stats() if self._prefix_cache is not None else None
+
+    def _reuse_prefix(self, llama: llama_cpp.Llama, tokens: list[int]) -> None:
+        """Before ``tokens`` are generated from: restore the saved state sharing the longest prefix with them if it
+        shares more than the live context, save the state at the end of the prefix they share with a recent prompt
+        if no saved state covers it yet, and leave in the context a prefix of ``tokens`` whose length is a multiple
+        of ``PREFIX_ALIGN_TOKENS`` and shorter than all of them; ``Llama.generate`` evaluates the rest.
+
+        The alignment is what keeps greedy output independent of where the prompt was split: llama.cpp's CPU matrix
+        kernels for quantized weights take the rows of a batch in blocks of 4 and the rest one by one, with different
+        rounding, so gemma3-270m Q4_K_M's logits after a 431-token prompt evaluated as 350 + 81 tokens differ from one
+        batch by up to 0.9 (and a greedy answer changed after 9 tokens), while every split at a multiple of 4 gave
+        the same logits, bit for bit. llama-cpp-python's own prefix reuse splits anywhere; so it is trimmed here too.
+        """
+        engine: Any = llama  # the context, its token ids and flags are llama-cpp-python internals (0.3.x)
+        if getattr(engine, "_is_recurrent", False) or getattr(engine, "_is_hybrid", False):
+            return  # a recurrent state cannot be cut back to a prefix: llama.cpp evaluates the whole prompt
+        limit = len(tokens) - 1  # generate() always evaluates at least the last prompt token
+        cache = self._prefix_cache
+        try:
+            if cache is not None:
+                self._use_cache(engine, cache, tokens, limit)
+            keep = _aligned(min(common_prefix_length(engine.input_ids[: engine.n_tokens], tokens), limit))
+            if engine.n_tokens > keep:
+                if not engine._ctx.kv_cache_seq_rm(-1, keep, -1):
+                    engine._ctx.kv_cache_seq_rm(-1, 0, -1)
+                    keep = 0
+                engine.n_tokens = keep
+        except (AttributeError, RuntimeError, ValueError, TypeError, BufferError):
+            engine.n_tokens = 0  # nothing trusted in the context: the generation evaluates the whole prompt
+        finally:
+            engine._requires_eval = True
+
+    def _use_cache(self, engine: Any, cache: PrefixCache, tokens: list[int], limit: int) -> None:
+        namespace = self._cache_namespace
+        live = _aligned(min(common_prefix_length(engine.input_ids[: engine.n_tokens], tokens), limit))
+        boundary = _aligned(min(cache.shared_prefix(namespace, tokens), limit))
+        found = cache.lookup(namespace, tokens)
+        covered = _aligned(min(found[2], limit)) if found is not None else 0
+        if found is not None and covered > live and self._restore(engine, found[0], found[1]):
+            cache.hits += 1
+            cache.reused_tokens += covered
+            live = covered
+        elif live >= cache.min_tokens:
+            cache.live += 1
+        else:
+            cache.misses += 1
+        if boundary >= cache.min_tokens and boundary > covered:
+            self._save_prefix(engine, cache, tokens, boundary, live)
+
+    def _restore(self, engine: Any, tokens: tuple[int, ...], state: bytearray) -> bool:
+        import ctypes
+
+        import llama_cpp
+
+        engine._ctx.kv_cache_seq_rm(-1, 0, -1)
+        engine.n_tokens = 0
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        if llama_cpp.llama_state_seq_set_data(engine._ctx.ctx, buffer, len(state), 0) != len(state):
+            engine._ctx.kv_cache_seq_rm(-1, 0, -1)
+            return False
+        engine.input_ids[: len(tokens)] = tokens
+        engine.n_tokens = len(tokens)
+        return True
+
+    def _save_prefix(self, engine: Any, cache: PrefixCache, tokens: list[int], boundary: int, live: int) -> None:
+        """Bring the context to exactly ``tokens[:boundary]`` (evaluating what is missing, or dropping a few live
+        tokens past it) and save its state."""
+        import ctypes
+
+        import llama_cpp
+
+        if live > boundary:
+            if live - boundary > _MAX_REPLAY_TOKENS or not engine._ctx.kv_cache_seq_rm(-1, boundary, -1):
+                return  # a longer live prefix (a conversation going on) is worth more than the saved state
+            engine.n_tokens = boundary
+        elif live < boundary:
+            engine.n_tokens = live
+            engine.eval(tokens[live:boundary])
+        elif engine.n_tokens > boundary:  # drop the cells past the shared part (they differ from the prompt)
+            if not engine._ctx.kv_cache_seq_rm(-1, boundary, -1):
+                return
+            engine.n_tokens = boundary
+        size = int(llama_cpp.llama_state_seq_get_size(engine._ctx.ctx, 0))
+        state = bytearray(size)
+        buffer = (ctypes.c_uint8 * size).from_buffer(state)
+        written = int(llama_cpp.llama_state_seq_get_data(engine._ctx.ctx, buffer, size, 0))
+        del buffer  # release the export so the bytearray can shrink
+        if 0 < written <= size:
+            del state[written:]
+            cache.put(self._cache_namespace, tokens[:boundary], state)
+
     def stream(self, prompt: str, **sampling: Unpack[Sampling]) -> TextStream:
         llama = self._require_open()
         max_tokens = sampling["max_tokens"]
@@ -352,6 +626,7 @@ class LlamaCppBackend:
         rate = self.config.prompt_nll_sample_rate
         if rate > 0 and (rate >= 1 or self._nll_rng.random() < rate):
             nll = prompt_nll(llama, tokens, self.config.prompt_nll_max_tokens)
+        self._reuse_prefix(llama, tokens)
 
         chunks: Iterator[Any] = llama.create_completion(
             tokens,
@@ -402,4 +677,6 @@ class LlamaCppBackend:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._prefix_cache is not None:
+                self._prefix_cache.clear()
             self._llama.close()

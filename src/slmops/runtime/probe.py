@@ -4,6 +4,11 @@
 (``python -m slmops.runtime.probe``), so a model that crashes llama.cpp (an assertion that aborts, a segfault)
 fails the probe instead of killing the caller. Neither raises for a bad model: they return ``ok=False`` and a
 reason. The probe prompt is fixed and harmless; the generated text is checked and then dropped, never returned.
+
+:func:`run_child` is that child mechanism on its own: a JSON request on stdin, one result line on stdout, a crash
+or a hang turned into a reason, and the environment set when the child starts (:func:`child_env`), which is when
+settings such as ``OMP_WAIT_POLICY`` count. The serving-configuration measurement (:mod:`slmops.runtime.tuning`)
+uses it too.
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ from slmops.runtime.host import ModelInfo
 
 __all__ = [
     "DEFAULT_PROBE_PROMPT",
+    "ChildOutcome",
     "ProbeConfig",
     "ProbeResult",
+    "child_env",
     "degenerate_reason",
+    "emit_result",
     "probe_backend",
     "probe_model_file",
+    "run_child",
 ]
 
 DEFAULT_PROBE_PROMPT = "Write one short sentence about the sea."
@@ -126,12 +135,17 @@ def probe_backend(backend: Backend, info: ModelInfo, config: ProbeConfig = Probe
 
 
 def _probe_in_this_process(request: dict[str, Any]) -> ProbeResult:
-    from slmops.runtime.backend import LlamaCppBackend
+    from slmops.runtime.backends import open_backend
 
     info = ModelInfo(**request["info"])
     start = time.monotonic()
     try:
-        backend = LlamaCppBackend.load(Path(request["path"]), info.model_id, BackendConfig(**request["config"]))
+        backend = open_backend(
+            Path(request["path"]),
+            request.get("format", "gguf"),
+            BackendConfig(**request["config"]),
+            model_id=info.model_id,
+        )
     except SLMOpsError as exc:
         return _fail(f"the model does not load: {exc}", load_s=time.monotonic() - start)
     load_s = time.monotonic() - start
@@ -154,24 +168,35 @@ def _tail(text: str, limit: int = 300) -> str:
     return lines[-1][-limit:] if lines else ""
 
 
-def probe_model_file(
-    path: Path, info: ModelInfo, config: BackendConfig, probe: ProbeConfig = ProbeConfig()
-) -> ProbeResult:
-    """Load ``path`` in a child process and probe it there; a crash or a hang is a failed probe, not an exception.
+@dataclass(frozen=True)
+class ChildOutcome:
+    """What a child process (:func:`run_child`) gave back: its result object, or why there is none."""
 
-    The child is killed after ``probe.load_timeout_s + probe.max_latency_s`` (plus a few seconds to start).
-    """
+    result: dict[str, Any] | None
+    failure: str  # "" when there is a result
+    elapsed_s: float
+
+
+def child_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a runtime child process: this one's, with ``slmops`` importable, ggml's gdb backtrace off,
+    and ``overrides`` (e.g. ``OMP_WAIT_POLICY``, which only counts when the child's OpenMP runtime loads)."""
     import slmops
 
-    request = {"path": str(path), "info": asdict(info), "config": asdict(config), "probe": asdict(probe)}
     env = dict(os.environ)
     env["GGML_NO_BACKTRACE"] = "1"  # ggml would otherwise attach gdb to print a backtrace when it aborts
     package_root = str(Path(slmops.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    timeout_s = probe.load_timeout_s + probe.max_latency_s + 10.0
+    env.update(overrides or {})
+    return env
+
+
+def run_child(module: str, request: dict[str, Any], timeout_s: float, env: dict[str, str]) -> ChildOutcome:
+    """Run ``python -m module`` with ``request`` as JSON on stdin and read the result line it prints
+    (``SLMOPS_PROBE_RESULT {json}``, see :func:`emit_result`). A crash, a hang (killed after ``timeout_s``) or an
+    exit without a result is a failure with a reason, never an exception."""
     start = time.monotonic()
     with subprocess.Popen(
-        [sys.executable, "-m", "slmops.runtime.probe"],
+        [sys.executable, "-m", module],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -183,30 +208,66 @@ def probe_model_file(
         except subprocess.TimeoutExpired:
             child.kill()
             child.communicate()
-            return _fail(f"the probe did not finish within {timeout_s:g} s; the child process was killed")
+            return ChildOutcome(
+                None,
+                f"the child process did not finish within {timeout_s:g} s and was killed",
+                time.monotonic() - start,
+            )
     elapsed = time.monotonic() - start
     if child.returncode < 0:
         detail = _tail(err)
-        return _fail(
+        return ChildOutcome(
+            None,
             f"the model crashed the runtime (child process killed by {_signal_name(-child.returncode)})"
             + (f": {detail}" if detail else ""),
-            load_s=elapsed,
+            elapsed,
         )
     for line in reversed(out.splitlines()):
         if line.startswith(_RESULT_MARK):
-            return ProbeResult(**json.loads(line[len(_RESULT_MARK) :]))
+            return ChildOutcome(json.loads(line[len(_RESULT_MARK) :]), "", elapsed)
     detail = _tail(err)
+    return ChildOutcome(
+        None,
+        f"the child process exited with status {child.returncode} without a result" + (f": {detail}" if detail else ""),
+        elapsed,
+    )
+
+
+def emit_result(result: dict[str, Any]) -> None:
+    """Print the result line :func:`run_child` reads (from the child process)."""
+    sys.stdout.write(_RESULT_MARK + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def probe_model_file(
+    path: Path, info: ModelInfo, config: BackendConfig, probe: ProbeConfig = ProbeConfig(), *, fmt: str = "gguf"
+) -> ProbeResult:
+    """Load ``path`` (of manifest format ``fmt``: see :func:`slmops.runtime.backends.open_backend`) in a child
+    process and probe it there; a crash or a hang is a failed probe, not an exception.
+
+    The child is killed after ``probe.load_timeout_s + probe.max_latency_s`` (plus a few seconds to start).
+    """
+    request = {
+        "path": str(path),
+        "format": fmt,
+        "info": asdict(info),
+        "config": asdict(config),
+        "probe": asdict(probe),
+    }
+    timeout_s = probe.load_timeout_s + probe.max_latency_s + 10.0
+    outcome = run_child("slmops.runtime.probe", request, timeout_s, child_env())
+    if outcome.result is not None:
+        return ProbeResult(**outcome.result)
+    if "did not finish" in outcome.failure:
+        return _fail(f"the probe did not finish within {timeout_s:g} s; the child process was killed")
     return _fail(
-        f"the probe process exited with status {child.returncode} without a result" + (f": {detail}" if detail else ""),
-        load_s=elapsed,
+        outcome.failure.replace("the child process exited", "the probe process exited"), load_s=outcome.elapsed_s
     )
 
 
 def _main() -> int:
     request = json.loads(sys.stdin.read())
-    result = _probe_in_this_process(request)
-    sys.stdout.write(_RESULT_MARK + json.dumps(asdict(result)) + "\n")
-    sys.stdout.flush()
+    emit_result(asdict(_probe_in_this_process(request)))
     return 0
 
 

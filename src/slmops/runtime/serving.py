@@ -22,7 +22,11 @@ class LocalServer:
     """Serves an ASGI ``app`` on ``127.0.0.1:port`` from a background thread.
 
     ``port=0`` picks a free port; ``port`` and ``url`` give the real one after :meth:`start`. The socket is bound
-    in ``start()``, so a port in use fails there, in the caller's thread. ``stop()`` lets requests in flight
+    in ``start()``, so a port in use fails there, in the caller's thread. It is made with ``IPPROTO_TCP`` so that
+    asyncio sets ``TCP_NODELAY`` on every accepted connection (it checks the socket's protocol, and an accepted
+    socket inherits the listener's): without it, Nagle's algorithm held each answer's body (and a stream's first
+    chunk) until the client's delayed ACK of the headers, about 40 ms per request, 48 ms per ``GET /health``
+    instead of 1 ms. ``stop()`` lets requests in flight
     finish for up to ``shutdown_timeout_s``. Access logs are off: the API is local and paths carry no text, but
     there is nothing to gain from logging them.
     """
@@ -49,7 +53,7 @@ class LocalServer:
             raise MissingExtraError("server", "the local model API", "uvicorn") from exc
         if self._thread is not None:
             raise RuntimeError("this LocalServer is already started")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((LOOPBACK, self.port))
