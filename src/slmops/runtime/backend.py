@@ -41,6 +41,7 @@ __all__ = [
     "Sampling",
     "TextStream",
     "common_prefix_length",
+    "completion_of",
     "prompt_nll",
 ]
 
@@ -421,6 +422,18 @@ def _attach_lora(llama_cpp: Any, llama: llama_cpp.Llama, model_id: str, path: Pa
         )
 
 
+def completion_of(stream: TextStream) -> Completion:
+    """Read a whole :class:`TextStream` into a :class:`Completion` (a backend's ``complete`` over its ``stream``)."""
+    with stream as pieces:
+        text = "".join(pieces)
+        return Completion(
+            text=text,
+            prompt_tokens=pieces.prompt_tokens,
+            completion_tokens=pieces.completion_tokens,
+            finish_reason=pieces.finish_reason or "stop",
+        )
+
+
 class LlamaCppBackend:
     """A GGUF model run by llama.cpp (llama-cpp-python), on the CPU.
 
@@ -665,14 +678,7 @@ class LlamaCppBackend:
         return result
 
     def complete(self, prompt: str, **sampling: Unpack[Sampling]) -> Completion:
-        with self.stream(prompt, **sampling) as pieces:
-            text = "".join(pieces)
-            return Completion(
-                text=text,
-                prompt_tokens=pieces.prompt_tokens,
-                completion_tokens=pieces.completion_tokens,
-                finish_reason=pieces.finish_reason or "stop",
-            )
+        return completion_of(self.stream(prompt, **sampling))
 
     def close(self) -> None:
         if not self._closed:

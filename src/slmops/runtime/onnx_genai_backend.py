@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Unpack
 
 from slmops.errors import MissingExtraError, RuntimeBackendError
-from slmops.runtime.backend import BackendConfig, Completion, Sampling, TextStream
+from slmops.runtime.backend import BackendConfig, Completion, Sampling, TextStream, completion_of
 
 __all__ = ["DEFAULT_TOP_K", "OnnxGenAIBackend", "import_onnxruntime_genai", "split_stop"]
 
@@ -286,14 +286,7 @@ class OnnxGenAIBackend:
         return result
 
     def complete(self, prompt: str, **sampling: Unpack[Sampling]) -> Completion:
-        with self.stream(prompt, **sampling) as pieces:
-            text = "".join(pieces)
-            return Completion(
-                text=text,
-                prompt_tokens=pieces.prompt_tokens,
-                completion_tokens=pieces.completion_tokens,
-                finish_reason=pieces.finish_reason or "stop",
-            )
+        return completion_of(self.stream(prompt, **sampling))
 
     def close(self) -> None:
         if not self._closed:
