@@ -203,6 +203,19 @@ class Measurement:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _run_measurement(args: list[str], model: Path, timeout_s: float) -> dict[str, Any]:
+    """Run ``python ARGS`` (a measurement child) and return the JSON object on its last line of output."""
+    try:
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeBackendError(f"measuring {model} took longer than {timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        tail = (done.stderr or "").strip().splitlines()[-3:]
+        raise RuntimeBackendError(f"the measurement process for {model} failed: {' | '.join(tail)}")
+    raw: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return raw
+
+
 def measure(
     model_path: Path,
     prompt: Sequence[int],
@@ -228,20 +241,7 @@ def measure(
             ),
             encoding="utf-8",
         )
-        try:
-            done = subprocess.run(
-                [sys.executable, "-m", "slmops.optimize._probe", str(spec)],
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise RuntimeBackendError(f"measuring {model_path} took longer than {timeout_s:.0f} s") from None
-    if done.returncode != 0:
-        tail = (done.stderr or "").strip().splitlines()[-3:]
-        raise RuntimeBackendError(f"the measurement process for {model_path} failed: {' | '.join(tail)}")
-    raw = json.loads(done.stdout.strip().splitlines()[-1])
+        raw = _run_measurement(["-m", "slmops.optimize._probe", str(spec)], model_path, timeout_s)
     return Measurement(
         threads=threads,
         load_s=raw["load_s"],
@@ -412,20 +412,7 @@ def measure_onnx_genai(
             ),
             encoding="utf-8",
         )
-        try:
-            done = subprocess.run(
-                [sys.executable, "-c", ONNX_PROBE_CODE, str(spec)],
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise RuntimeBackendError(f"measuring {model_dir} took longer than {timeout_s:.0f} s") from None
-    if done.returncode != 0:
-        tail = (done.stderr or "").strip().splitlines()[-3:]
-        raise RuntimeBackendError(f"the measurement process for {model_dir} failed: {' | '.join(tail)}")
-    raw = json.loads(done.stdout.strip().splitlines()[-1])
+        raw = _run_measurement(["-c", ONNX_PROBE_CODE, str(spec)], model_dir, timeout_s)
     return Measurement(threads=threads, **raw)
 
 
