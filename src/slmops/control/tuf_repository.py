@@ -117,8 +117,10 @@ def _loaded(session: Session, role: str) -> Metadata[Any] | None:
     return tufmd.parse(row.body, role) if row is not None else None
 
 
-def _add(session: Session, plane: ControlPlane, md: Metadata[Any]) -> bytes:
-    body = tufmd.to_bytes(md)
+def _add(session: Session, plane: ControlPlane, md: Metadata[Any], body: bytes | None = None) -> bytes:
+    """Store ``md``: as ``body`` when given (an uploaded root or targets file, kept exactly as signed), else as
+    serialized here (the online roles)."""
+    body = tufmd.to_bytes(md) if body is None else body
     session.add(
         TufMetadataRow(
             role=md.signed.type,
@@ -175,16 +177,7 @@ def upload_root(plane: ControlPlane, data: bytes) -> Published:
         trusted = cast("Metadata[Root] | None", _loaded(session, "root"))
         root = tufmd.check_new_root(trusted, data, now)
         _check_online_keys(plane, root)
-        session.add(
-            TufMetadataRow(
-                role="root",
-                version=root.signed.version,
-                body=data,
-                expires=iso(root.signed.expires),
-                created_at=plane.now_iso(),
-            )
-        )
-        session.flush()
+        _add(session, plane, root, data)
         snap, ts = _publish_online(session, plane, now, snapshot=True)
         _commit(session, "root")
     return Published("root", root.signed.version, snap, ts)
@@ -206,16 +199,7 @@ def upload_targets(plane: ControlPlane, data: bytes) -> Published:
                 raise NotFoundError(
                     f"the target {path} is not the manifest of a version in this registry; register or pull it first"
                 )
-        session.add(
-            TufMetadataRow(
-                role="targets",
-                version=targets.signed.version,
-                body=data,
-                expires=iso(targets.signed.expires),
-                created_at=plane.now_iso(),
-            )
-        )
-        session.flush()
+        _add(session, plane, targets, data)
         snap, ts = _publish_online(session, plane, now, snapshot=True)
         _commit(session, "targets")
     return Published("targets", targets.signed.version, snap, ts)
