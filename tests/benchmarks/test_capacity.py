@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from benchmarks.capacity import markdown, run_capacity
+import pytest
+from benchmarks.capacity import markdown, run_capacity, run_wrk, write_markdown
 
 
 def test_a_tiny_capacity_run_measures_both_servers_and_renders_a_table(tmp_path: Path) -> None:
@@ -26,3 +28,26 @@ def test_a_tiny_capacity_run_measures_both_servers_and_renders_a_table(tmp_path:
 
     table = markdown(result)
     assert "slmops control plane: at least" in table and "| 40 |" in table
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_a_tiny_wrk_run_compares_both_endpoints_with_bare_and_nests_its_table(tmp_path: Path) -> None:
+    # Execute: 20 devices, one round of 1-second runs.
+    result = run_wrk(20, 1.0, connections=2, rounds=1, workdir=tmp_path / "work")
+
+    # Assert: four runs; ours answered 304 to every poll and 200 to every heartbeat, with the devices' credentials.
+    runs = {(r.endpoint, r.server): r for r in result.runs}
+    assert sorted(runs) == [("heartbeat", "bare"), ("heartbeat", "control"), ("poll", "bare"), ("poll", "control")]
+    assert set(runs["poll", "control"].statuses) == {"304"} and set(runs["heartbeat", "control"].statuses) == {"200"}
+    assert all(r.errors == 0 and r.requests > 0 and r.rps > 0 and r.p50_ms <= r.p99_ms for r in result.runs)
+    assert result.ratio("poll") > 0 and result.ratio("heartbeat") > 0
+    assert (tmp_path / "work" / "wrk-fleet.txt").read_text().count("\n") == 20
+
+    # The wrk table goes inside the capacity section and keeps the open-loop tables around it.
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text("# Benchmarks\n\n<!-- capacity:begin -->\nopen-loop tables\n<!-- capacity:end -->\n")
+    write_markdown(None, result, target)
+    write_markdown(None, result, target)
+    text = target.read_text()
+    assert text.count("<!-- capacity-wrk:begin -->") == 1 and "open-loop tables" in text
+    assert text.index("capacity-wrk:end") < text.index("capacity:end") and "% of bare**" in text

@@ -140,7 +140,7 @@ def test_a_token_file_others_can_read_is_refused(
     code = run(argv)
 
     assert code == 2
-    assert f"has mode 0644, so other users can read the token; expected 0600 or stricter (run `chmod 600 {token}`)" in (
+    assert f"has mode 0644, so other users can read it; expected 0600 or stricter (run `chmod 600 {token}`)" in (
         capsys.readouterr().err
     )
 

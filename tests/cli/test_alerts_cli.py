@@ -29,12 +29,15 @@ class Control:
     tmp_path: Path
 
 
-def serve_control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Control]:
-    """A plane (viewer token in $SLMOPS_TOKEN) served on loopback ($SLMOPS_SERVER_URL)."""
+def serve_control(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str | None = None
+) -> Iterator[Control]:
+    """A plane (viewer token in $SLMOPS_TOKEN) served on loopback ($SLMOPS_SERVER_URL), on ``database_url`` (the
+    shared fixture's) or a SQLite file."""
     from slmops.control.app import create_app
 
     clock = Clock()
-    engine = make_engine(f"sqlite:///{tmp_path / 'control.db'}")
+    engine = make_engine(database_url or f"sqlite:///{tmp_path / 'control.db'}")
     migrate(engine)
     plane = make_plane(engine, tmp_path / "home", clock)
     plane.settings = plane.settings.model_copy(update={"rollout_controller": False})
@@ -49,8 +52,8 @@ def serve_control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[C
 
 
 @pytest.fixture
-def control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Control]:
-    yield from serve_control(tmp_path, monkeypatch)
+def control(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Control]:
+    yield from serve_control(tmp_path, monkeypatch, database_url)
 
 
 def _out(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 0) -> str:

@@ -26,9 +26,9 @@ HOURS = 54
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[str, ControlPlane, list[str]]]:
+def server(database_url: str, tmp_path: Path) -> Iterator[tuple[str, ControlPlane, list[str]]]:
     """A server whose 2 GiB class's inputs got 0.5 nats more surprising at hour 50; its URL, plane, classes."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'control.db'}")
+    engine = make_engine(database_url)
     migrate(engine)
     clock = Clock()
     clock.now = T0

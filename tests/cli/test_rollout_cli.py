@@ -67,11 +67,11 @@ def _serve(app: Any) -> Iterator[str]:
 
 
 @pytest.fixture
-def control(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Control]:
+def control(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Control]:
     from slmops.control.app import create_app
 
     clock = Clock()
-    engine = make_engine(f"sqlite:///{tmp_path / 'control.db'}")
+    engine = make_engine(database_url)
     migrate(engine)
     plane = make_plane(engine, tmp_path / "home", clock)
     plane.settings = ServerSettings(

@@ -21,8 +21,8 @@ def new_device() -> Callable[..., Device]:
 
 
 @pytest.fixture
-def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'control.db'}")
+def api(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
+    engine = make_engine(database_url)
     migrate(engine)
     plane = make_plane(engine, tmp_path / "home", Clock())
     register_variants(plane.registry, tmp_path)

@@ -1,10 +1,15 @@
-"""Control-plane fixtures: databases (SQLite in memory, SQLite file, PostgreSQL when SLMOPS_TEST_POSTGRES_URL is
-set), a controllable clock, a control plane over a real registry, and variants registered in it."""
+"""Control-plane fixtures: the database (``engine``, on the shared ``database_url``: SQLite, and PostgreSQL when
+SLMOPS_TEST_POSTGRES_URL is set), a controllable clock, a control plane over a real registry, and variants registered
+in it.
+
+``plane`` runs each test on every backend: use it for whatever touches the database (repository, plane, rollouts,
+API). ``file_plane`` is a SQLite file only, for the few tests that do not exercise the database (the OpenAPI
+document, the metrics exposition format).
+"""
 
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,8 +18,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.pool import StaticPool
+from sqlalchemy import Engine
 
 import slmops.control.db  # noqa: F401  (control tables on Base.metadata)
 from slmops.control.plane import ControlPlane
@@ -26,14 +30,6 @@ from slmops.registry.db import make_engine, migrate
 from slmops.registry.signing import format_public_key
 
 GiB = 1 << 30
-POSTGRES_URL = os.environ.get("SLMOPS_TEST_POSTGRES_URL")
-BACKENDS = [
-    "sqlite-memory",
-    "sqlite-file",
-    pytest.param(
-        "postgresql", marks=pytest.mark.skipif(not POSTGRES_URL, reason="set SLMOPS_TEST_POSTGRES_URL to run")
-    ),
-]
 
 
 class Clock:
@@ -47,37 +43,15 @@ class Clock:
         self.now += timedelta(seconds=seconds)
 
 
-def _engine(backend: str, tmp_path: Path) -> Iterator[Engine]:
-    if backend == "sqlite-memory":
-        engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """The migrated database of ``database_url`` (tests/conftest.py): each test runs on SQLite and PostgreSQL."""
+    engine = make_engine(database_url)
+    try:
         migrate(engine)
         yield engine
+    finally:
         engine.dispose()
-    elif backend == "sqlite-file":
-        engine = make_engine(f"sqlite:///{tmp_path / 'control.db'}")
-        migrate(engine)
-        yield engine
-        engine.dispose()
-    else:
-        assert POSTGRES_URL is not None
-        schema = "t_" + secrets.token_hex(6)
-        admin = create_engine(POSTGRES_URL)
-        with admin.begin() as connection:
-            connection.execute(text(f"CREATE SCHEMA {schema}"))
-        engine = create_engine(POSTGRES_URL, connect_args={"options": f"-csearch_path={schema}"})
-        try:
-            migrate(engine)
-            yield engine
-        finally:
-            engine.dispose()
-            with admin.begin() as connection:
-                connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-            admin.dispose()
-
-
-@pytest.fixture(params=BACKENDS)
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    yield from _engine(request.param, tmp_path)
 
 
 @pytest.fixture
@@ -101,7 +75,7 @@ def plane(engine: Engine, tmp_path: Path, clock: Clock) -> ControlPlane:
 
 @pytest.fixture
 def file_plane(tmp_path: Path, clock: Clock) -> Iterator[ControlPlane]:
-    """A control plane on a SQLite file only (for the API tests)."""
+    """A control plane on a SQLite file only: for tests that do not exercise the database (use ``plane``)."""
     engine = make_engine(f"sqlite:///{tmp_path / 'control.db'}")
     migrate(engine)
     yield make_plane(engine, tmp_path / "home", clock)

@@ -149,9 +149,9 @@ def test_a_pending_alert_is_not_delivered_and_is_dropped_when_its_condition_stop
     assert fired.alert.fired_at == datetime(2025, 6, 1, 12, 10, tzinfo=UTC)
 
 
-def test_state_survives_a_new_plane_on_the_same_database(tmp_path: Path) -> None:
+def test_state_survives_a_new_plane_on_the_same_database(database_url: str, tmp_path: Path) -> None:
     clock = Clock()
-    engine = make_engine(f"sqlite:///{tmp_path / 'control.db'}")
+    engine = make_engine(database_url)
     migrate(engine)
     plane = make_plane(engine, tmp_path / "home", clock)
     enroll(plane, 8)
@@ -160,7 +160,7 @@ def test_state_survives_a_new_plane_on_the_same_database(tmp_path: Path) -> None
     engine.dispose()
 
     clock.advance(60)
-    again = make_engine(f"sqlite:///{tmp_path / 'control.db'}")  # a restarted server
+    again = make_engine(database_url)  # a restarted server
     restarted = make_plane(again, tmp_path / "home", clock)
     assert evaluate_alerts(restarted, rules, clock()) == []  # still firing, not fired again
     [alert] = list_alerts(restarted)

@@ -39,15 +39,15 @@ def with_rules(plane: ControlPlane, path: Path, text: str) -> None:
 
 
 def test_the_controller_tick_evaluates_and_delivers_with_retries_across_ticks(
-    file_plane: ControlPlane, clock: Clock, receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    plane: ControlPlane, clock: Clock, receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SLMOPS_TEST_HOOK_SECRET", SECRET)
-    with_rules(file_plane, tmp_path / "alerts.yaml", RULES.replace("URL", receiver.url))
-    enroll(file_plane, 8)
-    controller = RolloutController(file_plane)
+    with_rules(plane, tmp_path / "alerts.yaml", RULES.replace("URL", receiver.url))
+    enroll(plane, 8)
+    controller = RolloutController(plane)
     try:
         controller.tick()  # fires; the first attempt gets a 500
-        [alert] = list_alerts(file_plane)
+        [alert] = list_alerts(plane)
         assert alert.status == "firing"
         assert [(d.status, d.attempts) for d in alert.deliveries] == [("pending", 1)]
         for _ in range(2):  # each tick makes one attempt once the backoff has passed
@@ -56,29 +56,27 @@ def test_the_controller_tick_evaluates_and_delivers_with_retries_across_ticks(
     finally:
         controller.stop()
 
-    [alert] = list_alerts(file_plane)
+    [alert] = list_alerts(plane)
     assert [(d.status, d.attempts, d.last_error) for d in alert.deliveries] == [("delivered", 3, None)]
     assert [r["key"] for r in receiver.requests] == [alert.deliveries[0].transition_id] * 3
     assert list(receiver.accepted) == [alert.deliveries[0].transition_id]
 
 
-def test_only_the_replica_holding_the_lease_evaluates_alerts(
-    file_plane: ControlPlane, clock: Clock, tmp_path: Path
-) -> None:
-    with_rules(file_plane, tmp_path / "alerts.yaml", "rules: [{name: offline, kind: device_offline, ttl_s: 60}]\n")
-    enroll(file_plane, 8)
-    assert acquire_lease(file_plane.engine, CONTROLLER_LEASE, "other-replica", 30, file_plane.now_epoch())
+def test_only_the_replica_holding_the_lease_evaluates_alerts(plane: ControlPlane, clock: Clock, tmp_path: Path) -> None:
+    with_rules(plane, tmp_path / "alerts.yaml", "rules: [{name: offline, kind: device_offline, ttl_s: 60}]\n")
+    enroll(plane, 8)
+    assert acquire_lease(plane.engine, CONTROLLER_LEASE, "other-replica", 30, plane.now_epoch())
 
-    RolloutController(file_plane, holder="me").tick()
+    RolloutController(plane, holder="me").tick()
 
-    assert list_alerts(file_plane) == []
+    assert list_alerts(plane) == []
 
 
 def test_a_bad_rules_file_fails_at_startup_and_never_breaks_a_tick(
-    file_plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with_rules(file_plane, tmp_path / "alerts.yaml", "rules: [{name: offline, kind: device_offlin, ttl_s: 60}]\n")
-    controller = RolloutController(file_plane)
+    with_rules(plane, tmp_path / "alerts.yaml", "rules: [{name: offline, kind: device_offlin, ttl_s: 60}]\n")
+    controller = RolloutController(plane)
 
     with pytest.raises(ConfigError, match=r"alerts\.yaml"):
         controller.start()
@@ -88,31 +86,31 @@ def test_a_bad_rules_file_fails_at_startup_and_never_breaks_a_tick(
     assert "alerting failed" in caplog.text
 
 
-def test_a_missing_webhook_secret_fails_at_startup(file_plane: ControlPlane, tmp_path: Path) -> None:
-    with_rules(file_plane, tmp_path / "alerts.yaml", RULES.replace("URL", "http://127.0.0.1:9/"))
+def test_a_missing_webhook_secret_fails_at_startup(plane: ControlPlane, tmp_path: Path) -> None:
+    with_rules(plane, tmp_path / "alerts.yaml", RULES.replace("URL", "http://127.0.0.1:9/"))
 
     with pytest.raises(ConfigError, match="SLMOPS_TEST_HOOK_SECRET"):
-        RolloutController(file_plane).start()
+        RolloutController(plane).start()
 
 
 def test_get_alerts_lists_them_for_viewers_filtered_by_status(
-    file_plane: ControlPlane, clock: Clock, tmp_path: Path
+    plane: ControlPlane, clock: Clock, tmp_path: Path
 ) -> None:
     with_rules(
-        file_plane,
+        plane,
         tmp_path / "alerts.yaml",
         "rules: [{name: offline, kind: device_offline, ttl_s: 60, group_by: device}]\n",
     )
-    first, _ = enroll(file_plane, 8)
-    second, _ = enroll(file_plane, 8)
-    controller = RolloutController(file_plane)
+    first, _ = enroll(plane, 8)
+    second, _ = enroll(plane, 8)
+    controller = RolloutController(plane)
     controller.tick()
     clock.advance(10)
-    heartbeat(file_plane, first)
+    heartbeat(plane, first)
     controller.tick()
-    viewer = {"Authorization": f"Bearer {create_api_token(file_plane, 'v', 'viewer', 'test').token}"}
+    viewer = {"Authorization": f"Bearer {create_api_token(plane, 'v', 'viewer', 'test').token}"}
 
-    with TestClient(create_app(file_plane.settings, file_plane), base_url="http://control") as api:
+    with TestClient(create_app(plane.settings, plane), base_url="http://control") as api:
         every = api.get("/api/v1/alerts", headers=viewer)
         firing = api.get("/api/v1/alerts", params={"status": "firing"}, headers=viewer)
         bad = api.get("/api/v1/alerts", params={"status": "burning"}, headers=viewer)

@@ -35,19 +35,19 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def api(file_plane: ControlPlane) -> Iterator[TestClient]:
-    with TestClient(create_app(file_plane.settings, file_plane), base_url="http://control") as client:
+def api(plane: ControlPlane) -> Iterator[TestClient]:
+    with TestClient(create_app(plane.settings, plane), base_url="http://control") as client:
         yield client
 
 
 @pytest.fixture
-def admin(file_plane: ControlPlane) -> dict[str, str]:
-    return bearer(create_api_token(file_plane, "root", "admin", "test").token)
+def admin(plane: ControlPlane) -> dict[str, str]:
+    return bearer(create_api_token(plane, "root", "admin", "test").token)
 
 
 @pytest.fixture
-def variants(file_plane: ControlPlane, tmp_path: Path) -> Variants:
-    return register_variants(file_plane.registry, tmp_path)
+def variants(plane: ControlPlane, tmp_path: Path) -> Variants:
+    return register_variants(plane.registry, tmp_path)
 
 
 @pytest.fixture
@@ -63,8 +63,8 @@ def enroll(api: TestClient, admin: dict[str, str]) -> Callable[..., tuple[str, d
     return go
 
 
-def test_no_credential_is_401_and_a_viewer_cannot_apply(api: TestClient, file_plane: ControlPlane) -> None:
-    viewer = bearer(create_api_token(file_plane, "v", "viewer", "t").token)
+def test_no_credential_is_401_and_a_viewer_cannot_apply(api: TestClient, plane: ControlPlane) -> None:
+    viewer = bearer(create_api_token(plane, "v", "viewer", "t").token)
 
     anonymous = api.get("/api/v1/devices")
     unknown = api.get("/api/v1/devices", headers=bearer("slmops_op_nope"))
@@ -79,7 +79,7 @@ def test_no_credential_is_401_and_a_viewer_cannot_apply(api: TestClient, file_pl
 
 
 def test_enroll_wait_for_approval_then_claim_with_the_device_key(
-    api: TestClient, admin: dict[str, str], new_device: Callable[..., Device], clock: Clock, file_plane: ControlPlane
+    api: TestClient, admin: dict[str, str], new_device: Callable[..., Device], clock: Clock, plane: ControlPlane
 ) -> None:
     device = new_device()
     created = api.post("/api/v1/enrollment-tokens", json={"labels": {"site": "b3"}}, headers=admin)
@@ -98,7 +98,7 @@ def test_enroll_wait_for_approval_then_claim_with_the_device_key(
     credential = bearer(claimed.json()["credential"])
 
     assert pending.status_code == 202 and pending.json()["credential"] is None
-    assert pending.json()["trusted_keys"] == trusted_keys(file_plane) and pending.json()["trusted_keys"]
+    assert pending.json()["trusted_keys"] == trusted_keys(plane) and pending.json()["trusted_keys"]
     assert still_pending.status_code == 202
     assert forged.status_code == 401 and stale.status_code == 401 and "clock" in stale.json()["message"]
     assert approved.json()["state"] == "approved" and approved.json()["labels"] == {"ring": "canary", "site": "b3"}
@@ -186,12 +186,12 @@ def test_blobs_resume_with_range_and_never_splice(
     enroll: Callable[..., tuple[str, dict[str, str]]],
     new_device: Callable[..., Device],
     variants: Variants,
-    file_plane: ControlPlane,
+    plane: ControlPlane,
 ) -> None:
     api.post("/api/v1/blueprints", json={"source": blueprint(variant="{pin: q4_k_m}")}, headers=admin)
     _, credential = enroll(new_device())
     digest = variants.q4.manifest.files[0].digest
-    data = file_plane.registry.blob_path(digest).read_bytes()
+    data = plane.registry.blob_path(digest).read_bytes()
     url = f"/api/v1/blobs/{digest}"
     etag = f'"{digest.removeprefix("sha256:")}"'
 

@@ -116,14 +116,14 @@ def test_the_price_table_comes_from_the_settings_or_the_example(tmp_path: Path) 
         price_table(ServerSettings(home=tmp_path, price_table_file=path))
 
 
-def test_get_cost_answers_viewers_with_every_source(file_plane: ControlPlane, tmp_path: Path) -> None:
-    served = serve_some(file_plane, tmp_path)
+def test_get_cost_answers_viewers_with_every_source(plane: ControlPlane, tmp_path: Path) -> None:
+    served = serve_some(plane, tmp_path)
     prices = tmp_path / "prices.yaml"
     prices.write_text(TABLE.replace("SMALL", served.small))
-    file_plane.settings = file_plane.settings.model_copy(update={"price_table_file": prices})
-    viewer = {"Authorization": f"Bearer {create_api_token(file_plane, 'v', 'viewer', 'test').token}"}
+    plane.settings = plane.settings.model_copy(update={"price_table_file": prices})
+    viewer = {"Authorization": f"Bearer {create_api_token(plane, 'v', 'viewer', 'test').token}"}
 
-    with TestClient(create_app(file_plane.settings, file_plane), base_url="http://control") as api:
+    with TestClient(create_app(plane.settings, plane), base_url="http://control") as api:
         answer = api.get("/api/v1/cost", headers=viewer)
         june = api.get("/api/v1/cost", params={"since": "2025-06-01T00:00:00Z"}, headers=viewer)
         bad = api.get("/api/v1/cost", params={"since": "yesterday"}, headers=viewer)

@@ -30,16 +30,16 @@ spec:
 
 
 @pytest.fixture
-def api(file_plane: ControlPlane) -> Iterator[Api]:
-    with serving(file_plane) as url:
-        client = Api(url, file_plane)
+def api(plane: ControlPlane) -> Iterator[Api]:
+    with serving(plane) as url:
+        client = Api(url, plane)
         yield client
         client.http.close()
 
 
 @pytest.fixture
-def variants(file_plane: ControlPlane, tmp_path: Path) -> Variants:
-    return register_variants(file_plane.registry, tmp_path)
+def variants(plane: ControlPlane, tmp_path: Path) -> Variants:
+    return register_variants(plane.registry, tmp_path)
 
 
 def _adapter_of(plane: ControlPlane, base: SignedManifest, tmp_path: Path) -> SignedManifest:
@@ -49,9 +49,9 @@ def _adapter_of(plane: ControlPlane, base: SignedManifest, tmp_path: Path) -> Si
 
 
 def test_a_pinned_adapter_carries_its_signed_base_and_both_blobs_may_be_downloaded(
-    api: Api, file_plane: ControlPlane, variants: Variants, new_device: Callable[..., Device], tmp_path: Path
+    api: Api, plane: ControlPlane, variants: Variants, new_device: Callable[..., Device], tmp_path: Path
 ) -> None:
-    adapter = _adapter_of(file_plane, variants.q4, tmp_path)
+    adapter = _adapter_of(plane, variants.q4, tmp_path)
     api.apply(BLUEPRINT.format(ref="v1", variant="{pin: lora-shop}"))
     device_id, auth = api.enroll(new_device(8), {"site": "anywhere"})
 
@@ -61,7 +61,7 @@ def test_a_pinned_adapter_carries_its_signed_base_and_both_blobs_may_be_download
     assert model["digest"] == adapter.digest and model["variant"] == "lora-shop"
     base = SignedManifest.model_validate_json(json.dumps(model["base"]))
     assert base.digest == variants.q4.digest
-    verify_envelope(base, file_plane.registry.keys.trusted())  # signed by the registry like the adapter itself
+    verify_envelope(base, plane.registry.keys.trusted())  # signed by the registry like the adapter itself
     for allowed in (adapter.manifest.files[0].digest, variants.q4.manifest.files[0].digest):
         reply = api.http.get(f"/blobs/{allowed}", headers=auth)
         assert reply.status_code == 200, reply.text
@@ -70,9 +70,9 @@ def test_a_pinned_adapter_carries_its_signed_base_and_both_blobs_may_be_download
 
 
 def test_an_adapter_whose_base_does_not_fit_is_not_chosen_with_a_reason(
-    api: Api, file_plane: ControlPlane, variants: Variants, new_device: Callable[..., Device], tmp_path: Path
+    api: Api, plane: ControlPlane, variants: Variants, new_device: Callable[..., Device], tmp_path: Path
 ) -> None:
-    adapter = _adapter_of(file_plane, variants.base, tmp_path)  # over the 6 GiB base
+    adapter = _adapter_of(plane, variants.base, tmp_path)  # over the 6 GiB base
     api.apply(BLUEPRINT.format(ref=adapter.digest, variant="{}"))  # a release or alias naming the adapter
     small_id, small_auth = api.enroll(new_device(8), {})  # half of 8 GiB: 4 GiB
     large_id, large_auth = api.enroll(new_device(16), {})
@@ -88,9 +88,9 @@ def test_an_adapter_whose_base_does_not_fit_is_not_chosen_with_a_reason(
 
 
 def test_a_sites_adapter_applies_only_over_the_base_it_was_trained_for(
-    api: Api, file_plane: ControlPlane, variants: Variants, new_device: Callable[..., Device], tmp_path: Path
+    api: Api, plane: ControlPlane, variants: Variants, new_device: Callable[..., Device], tmp_path: Path
 ) -> None:
-    adapter = _adapter_of(file_plane, variants.q4, tmp_path)  # trained for q4_k_m
+    adapter = _adapter_of(plane, variants.q4, tmp_path)  # trained for q4_k_m
     api.apply(BLUEPRINT.format(ref="v1", variant="{}"))
     small_id, small_auth = api.enroll(new_device(2), {"site": "shop"})  # 1 GiB budget: q4_k_m
     large_id, large_auth = api.enroll(new_device(8), {"site": "shop"})  # 4 GiB budget: q8_0

@@ -27,22 +27,22 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def api(file_plane: ControlPlane) -> Iterator[TestClient]:
-    with TestClient(create_app(file_plane.settings, file_plane), base_url="http://control") as client:
+def api(plane: ControlPlane) -> Iterator[TestClient]:
+    with TestClient(create_app(plane.settings, plane), base_url="http://control") as client:
         yield client
 
 
 @pytest.fixture
-def tokens(file_plane: ControlPlane) -> dict[str, dict[str, str]]:
-    return {role: bearer(create_api_token(file_plane, role, role, "test").token) for role in ("viewer", "operator")}
+def tokens(plane: ControlPlane) -> dict[str, dict[str, str]]:
+    return {role: bearer(create_api_token(plane, role, role, "test").token) for role in ("viewer", "operator")}
 
 
 @pytest.fixture
-def fleet(api: TestClient, file_plane: ControlPlane, clock: Clock) -> dict[str, dict[str, str]]:
+def fleet(api: TestClient, plane: ControlPlane, clock: Clock) -> dict[str, dict[str, str]]:
     """Two devices in two classes, each posting HOURS hourly windows; the small one's prompts 50% longer from
     hour 50 on. Returns per class the device's credential header; the clock is at the end of the last hour."""
     clock.now = T0
-    admin = bearer(create_api_token(file_plane, "root", "admin", "test").token)
+    admin = bearer(create_api_token(plane, "root", "admin", "test").token)
     token = api.post("/api/v1/enrollment-tokens", json={"auto_approve": True, "max_uses": 2}, headers=admin).json()
     devices: dict[str, dict[str, str]] = {}
     for gib, shift in ((2, Shift(50, prompt_scale=1.5)), (64, None)):

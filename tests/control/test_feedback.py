@@ -39,19 +39,19 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def api(file_plane: ControlPlane) -> Iterator[TestClient]:
-    with TestClient(create_app(file_plane.settings, file_plane), base_url="http://control") as client:
+def api(plane: ControlPlane) -> Iterator[TestClient]:
+    with TestClient(create_app(plane.settings, plane), base_url="http://control") as client:
         yield client
 
 
 @pytest.fixture
-def admin(file_plane: ControlPlane) -> dict[str, str]:
-    return bearer(create_api_token(file_plane, "root", "admin", "test").token)
+def admin(plane: ControlPlane) -> dict[str, str]:
+    return bearer(create_api_token(plane, "root", "admin", "test").token)
 
 
 @pytest.fixture
-def variants(file_plane: ControlPlane, tmp_path: Path) -> Variants:
-    return register_variants(file_plane.registry, tmp_path)
+def variants(plane: ControlPlane, tmp_path: Path) -> Variants:
+    return register_variants(plane.registry, tmp_path)
 
 
 def apply(api: TestClient, admin: dict[str, str], feedback: str = OPT_IN) -> None:
@@ -93,12 +93,12 @@ def test_a_device_posts_only_its_own_feedback_and_operators_need_the_operator_ro
     enroll: Callable[..., tuple[str, dict[str, str]]],
     new_device: Callable[..., Device],
     variants: Variants,
-    file_plane: ControlPlane,
+    plane: ControlPlane,
 ) -> None:
     apply(api, admin)
     first, first_credential = enroll(new_device())
     second, _ = enroll(new_device())
-    viewer = bearer(create_api_token(file_plane, "v", "viewer", "t").token)
+    viewer = bearer(create_api_token(plane, "v", "viewer", "t").token)
 
     other = post(api, second, first_credential, sample(variants.q8.digest))
     anonymous = api.post(f"/api/v1/devices/{first}/feedback", json={"samples": []})
@@ -119,7 +119,7 @@ def test_retries_never_duplicate_and_the_listing_carries_no_device_id(
     enroll: Callable[..., tuple[str, dict[str, str]]],
     new_device: Callable[..., Device],
     variants: Variants,
-    file_plane: ControlPlane,
+    plane: ControlPlane,
 ) -> None:
     apply(api, admin)
     device_id, credential = enroll(new_device())
@@ -141,7 +141,7 @@ def test_retries_never_duplicate_and_the_listing_carries_no_device_id(
     assert device_id not in text and other_id not in text and shared["id"] not in text
     assert len({s["device_class"] for s in samples}) == 1 and samples[0]["release_id"] is None
     assert samples[0]["correction"] == "Paris is the capital." and samples[0]["version_digest"] == variants.q8.digest
-    with Session(file_plane.engine) as session:
+    with Session(plane.engine) as session:
         stored = session.scalars(select(FeedbackSampleRow)).all()
     assert len(stored) == 2 and all(device_id not in json.dumps(row.__dict__, default=str) for row in stored)
 
@@ -246,7 +246,7 @@ def test_curate_registers_a_dataset_version_with_lineage_and_no_device_ids(
     enroll: Callable[..., tuple[str, dict[str, str]]],
     new_device: Callable[..., Device],
     variants: Variants,
-    file_plane: ControlPlane,
+    plane: ControlPlane,
 ) -> None:
     apply(api, admin, feedback="  feedback: {mode: opt_in, max_samples_per_day: 100}")
     device_id, credential = enroll(new_device())
@@ -275,7 +275,7 @@ def test_curate_registers_a_dataset_version_with_lineage_and_no_device_ids(
     assert manifest["lineage"]["versions"] == [variants.q8.digest]
     assert manifest["lineage"]["models"] == {variants.q8.digest: "tiny@v2"}
     assert bad.status_code == 422
-    datasets = DatasetRegistry.of(file_plane.registry)
+    datasets = DatasetRegistry.of(plane.registry)
     train = datasets.read("support@v1", "train.jsonl") + datasets.read("support@v1", "heldout.jsonl")
     assert device_id.encode() not in train and b"Paris, of course." in train
     blob = api.get(f"/api/v1/blobs/{manifest['files'][1]['digest']}", headers=admin)
@@ -288,7 +288,7 @@ def test_a_sample_records_the_release_whose_cohort_held_the_device_with_that_ver
     enroll: Callable[..., tuple[str, dict[str, str]]],
     new_device: Callable[..., Device],
     variants: Variants,
-    file_plane: ControlPlane,
+    plane: ControlPlane,
 ) -> None:
     from slmops.control.db import ReleaseMemberRow, ReleaseRow
 
@@ -299,7 +299,7 @@ def test_a_sample_records_the_release_whose_cohort_held_the_device_with_that_ver
         json={"phase": "serving", "health": "ok", "active_digest": variants.base.digest},
         headers=credential,
     )
-    with Session(file_plane.engine) as session:
+    with Session(plane.engine) as session:
         session.add(
             ReleaseRow(
                 id="rel-1",

@@ -22,15 +22,15 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def api(file_plane: ControlPlane) -> Iterator[TestClient]:
-    settings = file_plane.settings.model_copy(update={"metrics_token": SCRAPE, "metrics_cache_s": 0.0})
-    with TestClient(create_app(settings, file_plane), base_url="http://control") as client:
+def api(plane: ControlPlane) -> Iterator[TestClient]:
+    settings = plane.settings.model_copy(update={"metrics_token": SCRAPE, "metrics_cache_s": 0.0})
+    with TestClient(create_app(settings, plane), base_url="http://control") as client:
         yield client
 
 
 @pytest.fixture
-def admin(file_plane: ControlPlane) -> dict[str, str]:
-    return bearer(create_api_token(file_plane, "root", "admin", "test").token)
+def admin(plane: ControlPlane) -> dict[str, str]:
+    return bearer(create_api_token(plane, "root", "admin", "test").token)
 
 
 def enroll(api: TestClient, admin: dict[str, str], device: Device) -> tuple[str, dict[str, str]]:
@@ -51,11 +51,11 @@ def named(samples: list[Sample], name: str) -> list[Sample]:
     return [sample for sample in samples if sample.name == name]
 
 
-def test_metrics_needs_a_viewer_or_the_scrape_token(api: TestClient, file_plane: ControlPlane) -> None:
+def test_metrics_needs_a_viewer_or_the_scrape_token(api: TestClient, plane: ControlPlane) -> None:
     assert api.get("/metrics").status_code == 401
     assert api.get("/metrics", headers=bearer("wrong")).status_code == 401
     assert api.get("/metrics", headers=bearer(SCRAPE)).status_code == 200
-    viewer = bearer(create_api_token(file_plane, "watcher", "viewer", "test").token)
+    viewer = bearer(create_api_token(plane, "watcher", "viewer", "test").token)
     assert api.get("/metrics", headers=viewer).status_code == 200
     assert "/metrics" not in api.get("/openapi.json").json()["paths"]
 

@@ -149,8 +149,7 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(file_plane: ControlPlane, new_device: Callable[..., Device], tmp_path: Path) -> Iterator[Fleet]:
-    plane = file_plane
+def fleet(plane: ControlPlane, new_device: Callable[..., Device], tmp_path: Path) -> Iterator[Fleet]:
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
     old = register_variants(plane.registry, tmp_path / "old")
@@ -381,11 +380,11 @@ def test_requests_are_labelled_with_route_templates_never_raw_paths(fleet: Fleet
 
 
 def test_with_metrics_off_there_is_no_endpoint_and_nothing_is_counted(
-    file_plane: ControlPlane, new_device: Callable[..., Device]
+    plane: ControlPlane, new_device: Callable[..., Device]
 ) -> None:
-    settings = file_plane.settings.model_copy(update={"metrics": False, "metrics_token": SCRAPE})
-    file_plane.settings = settings  # the wrapper and /metrics follow the plane's settings, as `slmops server` opens it
-    with TestClient(create_app(settings, file_plane), base_url="http://control") as api:
+    settings = plane.settings.model_copy(update={"metrics": False, "metrics_token": SCRAPE})
+    plane.settings = settings  # the wrapper and /metrics follow the plane's settings, as `slmops server` opens it
+    with TestClient(create_app(settings, plane), base_url="http://control") as api:
         assert api.get("/api/v1/health").status_code == 200
         answer = api.get("/metrics", headers=bearer(SCRAPE))
         assert answer.status_code == 404 and "SLMOPS_METRICS" in answer.json()["message"]

@@ -11,6 +11,7 @@ import random
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -21,8 +22,10 @@ from slmops.control.db import ReleaseMemberRow
 from slmops.control.desired_state import desired_state_for
 from slmops.control.devices import get_device, report_status
 from slmops.control.enrollment import create_enrollment_token, enroll_device
+from slmops.control.lease import acquire_lease, release_lease
 from slmops.control.plane import ControlPlane
 from slmops.control.rollouts import (
+    CONTROLLER_LEASE,
     RolloutController,
     abort_release,
     pause_release,
@@ -32,6 +35,7 @@ from slmops.control.rollouts import (
     resume_release,
     start_release,
 )
+from slmops.control.rollouts import controller as controller_module
 from slmops.control.schemas import ReleaseStart
 from slmops.control.settings import ServerSettings
 from slmops.control.telemetry import store_telemetry
@@ -317,3 +321,78 @@ def test_one_controller_holds_the_lease_and_another_resumes_after_it_stops(setup
         if release(plane, started.id).state != "running":
             break
     assert release(plane, started.id).state == "completed"
+
+
+def test_a_controller_that_lost_the_lease_while_it_evaluated_writes_nothing(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fence: "a" decides to promote, but before it writes, its lease passed to "b" (it was late: a pause, a
+    slow database). "a" must write neither the promotion nor its event; "b" then promotes exactly once."""
+    plane, fleet, _old, _new = setup
+    started = start_release(plane, ReleaseStart(blueprint="shops", to="tiny@v4", policy=POLICY), "ops")
+    late, successor = RolloutController(plane, holder="a"), RolloutController(plane, holder="b")
+    original = controller_module.evaluate_stage
+    taken_over: list[int] = []
+
+    def evaluate_then_lose_the_lease(*args: Any, **kwargs: Any) -> Any:
+        evaluation = original(*args, **kwargs)
+        if evaluation.decision == "promote" and not taken_over:
+            taken_over.append(release(plane, started.id).stage)  # "a"'s lease expires; "b" takes it
+            assert acquire_lease(plane.engine, CONTROLLER_LEASE, "b", 30, plane.now_epoch() + 31)
+        return evaluation
+
+    monkeypatch.setattr(controller_module, "evaluate_stage", evaluate_then_lose_the_lease)
+    for _ in range(10):
+        _run(fleet, late, 1)
+        if taken_over:
+            break
+    assert taken_over, release(plane, started.id).reason
+    stage = taken_over[0]
+    assert release(plane, started.id).stage == stage  # "a" decided to promote but wrote nothing
+    assert [e.kind for e in release_events(plane, started.id)].count("promoted") == 0
+    assert late.tick() == []  # and it knows it no longer holds the lease
+    fleet.clock.advance(31)
+    successor.tick()
+    assert release(plane, started.id).stage == stage + 1
+    promoted = [e for e in release_events(plane, started.id) if e.kind == "promoted"]
+    assert [(e.stage, e.actor) for e in promoted] == [(stage + 1, "controller")]
+
+
+def test_two_controllers_deciding_on_the_same_revision_write_one_decision(  # type: ignore[no-untyped-def]
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optimistic locking: "a" and "b" both read the release at the same revision and both decide to promote (the
+    lease changed hands between their reads); only the first write lands, with one event."""
+    plane, fleet, _old, _new = setup
+    started = start_release(plane, ReleaseStart(blueprint="shops", to="tiny@v4", policy=POLICY), "ops")
+    first, second = RolloutController(plane, holder="a"), RolloutController(plane, holder="b")
+    original = controller_module.evaluate_stage
+    interleaved: list[int] = []
+
+    def evaluate_while_the_other_decides(*args: Any, **kwargs: Any) -> Any:
+        evaluation = original(*args, **kwargs)
+        if evaluation.decision == "promote" and not interleaved:
+            interleaved.append(release(plane, started.id).stage)
+            release_lease(plane.engine, CONTROLLER_LEASE, "a")
+            second.tick()  # "b" reads the same revision, promotes and commits first
+        return evaluation
+
+    monkeypatch.setattr(controller_module, "evaluate_stage", evaluate_while_the_other_decides)
+    for _ in range(10):
+        _run(fleet, first, 1)
+        if interleaved:
+            break
+    assert interleaved, release(plane, started.id).reason
+    assert release(plane, started.id).stage == interleaved[0] + 1  # promoted once, not twice
+    promoted = [e for e in release_events(plane, started.id) if e.kind == "promoted"]
+    assert [e.stage for e in promoted] == [interleaved[0] + 1]
+
+
+def test_an_event_cursor_beyond_the_databases_integers_finds_nothing(setup) -> None:  # type: ignore[no-untyped-def]
+    """The API admits a 64-bit cursor (SQLite's ids); PostgreSQL's 32-bit id column answers an empty page too."""
+    plane, _fleet, _old, _new = setup
+    started = start_release(plane, ReleaseStart(blueprint="shops", to="tiny@v4", policy=POLICY), "ops")
+
+    assert [e.kind for e in release_events(plane, started.id)] == ["started"]
+    assert release_events(plane, started.id, after=2**31) == []
+    assert release_events(plane, started.id, after=2**63 - 1) == []

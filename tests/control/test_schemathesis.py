@@ -205,11 +205,11 @@ def _run(schema: Any) -> Run:
 
 
 def test_the_api_keeps_its_openapi_promises(
-    file_plane: ControlPlane, tmp_path: Path, new_device: Callable[..., Device]
+    plane: ControlPlane, tmp_path: Path, new_device: Callable[..., Device]
 ) -> None:
-    fleet = _fleet(file_plane, tmp_path, new_device)
+    fleet = _fleet(plane, tmp_path, new_device)
 
-    app = create_app(file_plane.settings, file_plane)
+    app = create_app(plane.settings, plane)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=_config(fleet))
 
     run = _run(schema)

@@ -62,16 +62,16 @@ class Api:
 
 
 @pytest.fixture
-def api(file_plane: ControlPlane) -> Iterator[Api]:
-    with serving(file_plane) as url:
-        client = Api(url, file_plane)
+def api(plane: ControlPlane) -> Iterator[Api]:
+    with serving(plane) as url:
+        client = Api(url, plane)
         yield client
         client.http.close()
 
 
 @pytest.fixture
-def variants(file_plane: ControlPlane, tmp_path: Path) -> Variants:
-    return register_variants(file_plane.registry, tmp_path)
+def variants(plane: ControlPlane, tmp_path: Path) -> Variants:
+    return register_variants(plane.registry, tmp_path)
 
 
 def test_operators_set_a_site_and_viewers_read_it(api: Api, variants: Variants) -> None:

@@ -2,13 +2,22 @@
 
 Tests pass an ``httpx`` transport (``httpx.MockTransport``, or a real server on loopback). Network failures and 5xx
 answers become :class:`~slmops.errors.UnavailableError` (retry later); 401/403/404/409 become the matching errors.
+The ``Retry-After`` of a 503 or 429 (a control plane shedding load) is kept until the caller takes it
+(:meth:`ControlPlaneClient.take_retry_after`), so a later successful request of the same pass does not hide it.
+
+:class:`Backoff` is how long the agent waits after a failed pass: exponential with full jitter, capped, and never
+less than the server's ``Retry-After`` (see its docstring for why the jitter goes on top of it).
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, TypeVar
 
 import httpx
@@ -40,7 +49,7 @@ if TYPE_CHECKING:
     from slmops.tuf.client import HttpxFetcher
     from slmops.tuf.pin import RootPin
 
-__all__ = ["ControlPlaneClient", "DesiredFetch"]
+__all__ = ["Backoff", "ControlPlaneClient", "DesiredFetch", "parse_retry_after"]
 
 _Answer = TypeVar("_Answer", bound=BaseModel)
 
@@ -50,6 +59,57 @@ class DesiredFetch:
     changed: bool
     state: DesiredState | None  # None when unchanged (304)
     etag: str | None
+
+
+MAX_RETRY_AFTER_S = 3600.0  # a Retry-After beyond this is read as this: a broken server cannot park agents for days
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or an HTTP date), capped at
+    :data:`MAX_RETRY_AFTER_S`; None when absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        seconds = float(text)
+    else:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
+
+
+@dataclass
+class Backoff:
+    """The wait after the ``n``-th failure in a row: ``retry_after + uniform(0, min(cap_s, base_s * 2**(n - 1)))``.
+
+    Full jitter (the whole window is random, not only a fringe of it) spreads a fleet that failed at the same moment
+    (a control plane restart) over the window instead of bringing it back in waves. The ``Retry-After`` of a
+    shedding server is a floor, and the jitter goes on top of it rather than ``max(retry_after, jitter)``: a server
+    that sends every shed agent the same value would otherwise get them all back in the same second. The cap is
+    the caller's (the daemon uses twice the poll interval: a fleet that keeps failing then averages one attempt per
+    interval, no more load than when it is well). :meth:`succeeded` resets the count.
+    """
+
+    base_s: float = 1.0
+    cap_s: float = 60.0
+    rng: random.Random = field(default_factory=random.Random)
+    failures: int = 0
+
+    def failed(self, retry_after_s: float | None = None) -> float:
+        """Count a failure; the seconds to wait before the next attempt."""
+        self.failures += 1
+        window = min(self.cap_s, self.base_s * 2.0 ** min(self.failures - 1, 60))
+        return (retry_after_s or 0.0) + self.rng.uniform(0.0, max(0.0, window))
+
+    def succeeded(self) -> None:
+        self.failures = 0
 
 
 def _raise_for(response: httpx.Response, what: str) -> None:
@@ -98,6 +158,7 @@ class ControlPlaneClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.credential = credential
+        self.retry_after_s: float | None = None  # the longest Retry-After (503/429) not yet taken
         self._http = httpx.Client(
             base_url=self.base_url,
             transport=transport,
@@ -114,6 +175,11 @@ class ControlPlaneClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def take_retry_after(self) -> float | None:
+        """The longest ``Retry-After`` received since the last call (None: none), forgotten once taken."""
+        wait, self.retry_after_s = self.retry_after_s, None
+        return wait
+
     def _auth(self) -> dict[str, str]:
         if not self.credential:
             raise AuthenticationError("this device has no credential yet; enroll it with --enroll-token")
@@ -129,6 +195,10 @@ class ControlPlaneClient:
             response = self._http.request(method, path, **kwargs)  # type: ignore[arg-type]
         except httpx.TransportError as exc:
             raise self._unreachable(what, exc) from None
+        if response.status_code in (429, 503):
+            wait = parse_retry_after(response.headers.get("Retry-After"))
+            if wait is not None:
+                self.retry_after_s = max(wait, self.retry_after_s or 0.0)
         _raise_for(response, what)
         return response
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmops.agent.download import DownloadConfig
+from slmops.agent.nudge import NudgeConfig
 from slmops.agent.outbox import OutboxConfig, TelemetryOutboxConfig
 from slmops.core.reconcile import Policy
 
@@ -47,3 +48,6 @@ class AgentConfig:
     # when a newly measured configuration needs another OpenMP wait policy than this process loaded, Agent.run
     # returns at a safe point with restart_requested set, for the caller to re-execute the agent (restart_process)
     restart_for_tuning: bool = False
+    # MQTT nudges (agent/nudge.py): poll at once when the control plane says the desired state changed; None: off.
+    # The poll interval stays the fallback whenever the broker is away.
+    nudge: NudgeConfig | None = None

@@ -45,11 +45,12 @@ from typing import NoReturn
 import httpx
 
 from slmops.agent._context import AgentContext
-from slmops.agent.client import ControlPlaneClient
+from slmops.agent.client import Backoff, ControlPlaneClient
 from slmops.agent.config import AgentConfig
 from slmops.agent.feedback import FeedbackCollector
 from slmops.agent.identity import Identity
 from slmops.agent.metrics import agent_collector
+from slmops.agent.nudge import NudgeListener, wait_for_poll
 from slmops.agent.outbox import TelemetryOutbox
 from slmops.agent.reconcile import Reconciler
 from slmops.agent.reporting import Reporter
@@ -121,6 +122,7 @@ class Agent:
         self._opened = False
         self.restart_requested: RuntimeTuning | None = None  # set when run() returned for a restart (see module)
         self._reported_tuning: RuntimeTuning | None = None
+        self.nudges: NudgeListener | None = None  # MQTT nudges (agent/nudge.py), while open
 
     def _default_runtime(self, config: AgentConfig) -> LlamaRuntime:
         from slmops.runtime.tuning import TuningConfig, TuningStore
@@ -173,6 +175,8 @@ class Agent:
                 transport=self._transport,
                 timeout_s=self.config.request_timeout_s,
             )
+            if self.config.nudge is not None:
+                self.nudges = NudgeListener(self.config.nudge, self.identities.credential).start()
             self.switch.recover()
             self.cache.sweep_temporary(older_than_s=0)
         except BaseException:
@@ -182,6 +186,9 @@ class Agent:
         return self
 
     def _release(self) -> None:
+        if self.nudges is not None:
+            self.nudges.close()
+            self.nudges = None
         if self._ctx.client is not None:
             self._ctx.client.close()
             self._ctx.client = None
@@ -319,13 +326,15 @@ class Agent:
         """Enroll if needed, then reconcile until ``stop`` is set (or one pass with ``once``)."""
         stop = stop or threading.Event()
         rng = random.Random()
+        backoff = Backoff(rng=rng)
         self.switch.ensure_serving()  # serve what is active before touching the network: offline starts serve at once
         while not stop.is_set():
+            unreachable = False
             try:
                 approved = self.enroll()
             except UnavailableError as exc:
                 log.warning("%s", exc)
-                approved = False
+                approved, unreachable = False, True
             except ConflictError as exc:  # a claim not newer than the last accepted one: sign anew at the next poll
                 log.warning("%s; claiming again at the next poll", exc)
                 approved = False
@@ -340,8 +349,21 @@ class Agent:
                 return
             if once:
                 return
-            jitter = self.config.poll_jitter
-            stop.wait(self.poll_interval_s() * rng.uniform(1 - jitter, 1 + jitter))
+            failed = unreachable or self._ctx.offline_since is not None
+            wait_for_poll(self.nudges, stop, self.next_wait_s(backoff, failed, rng))
+
+    def next_wait_s(self, backoff: Backoff, failed: bool, rng: random.Random) -> float:
+        """The wait before the next pass: the jittered poll interval after a pass that reached the control plane;
+        after one that did not (transport error, 5xx, 429, a 503 shedding load), :class:`Backoff`'s full-jitter
+        exponential wait (on top of any ``Retry-After``), capped at twice the poll interval."""
+        interval = self.poll_interval_s()
+        retry_after = self._ctx.client.take_retry_after() if self._ctx.client is not None else None
+        if failed:
+            backoff.cap_s = 2 * interval
+            return backoff.failed(retry_after)
+        backoff.succeeded()
+        jitter = self.config.poll_jitter
+        return interval * rng.uniform(1 - jitter, 1 + jitter)
 
     def reconcile_once(self) -> list[Step]:
         """Fetch the desired state, converge towards it, serve, check health, report. Never raises for the network."""

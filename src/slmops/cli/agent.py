@@ -107,6 +107,22 @@ def agent(
         help="Seconds to measure serving configurations (threads, OpenMP wait policy, batch) when a model is "
         "activated; the best is kept per model and device (0: off, llama.cpp's defaults).",
     ),
+    mqtt_url: str | None = typer.Option(
+        None,
+        "--mqtt-url",
+        envvar="SLMOPS_AGENT_MQTT_URL",
+        help="An MQTT broker (mqtt://host:1883 or mqtts://host:8883) whose 'poll now' nudges make the agent poll at "
+        "once; without it, or while the broker is down, the agent polls at its interval. Needs slmops[mqtt].",
+    ),
+    mqtt_username: str | None = typer.Option(
+        None, "--mqtt-username", envvar="SLMOPS_AGENT_MQTT_USERNAME", help="The broker's subscribe-only device user."
+    ),
+    mqtt_password_file: Path | None = typer.Option(
+        None, "--mqtt-password-file", help="A file holding that user's password (its first line)."
+    ),
+    mqtt_ca_file: Path | None = typer.Option(
+        None, "--mqtt-ca-file", help="mqtts: the CA of the broker's certificate (default: the system's)."
+    ),
     once: bool = typer.Option(False, "--once", help="One reconcile pass, then exit (for scripts and tests)."),
 ) -> None:
     """Run the agent: enroll once, then poll, reconcile and serve until stopped (SIGTERM or Ctrl-C).
@@ -117,7 +133,16 @@ def agent(
         return
     from slmops.agent.config import AgentConfig
     from slmops.agent.daemon import Agent
+    from slmops.agent.nudge import NudgeConfig
 
+    nudge = None
+    if mqtt_url is not None:
+        password = (
+            read_token_file(mqtt_password_file, "MQTT password", "the device user's broker password")
+            if mqtt_password_file is not None
+            else None
+        )
+        nudge = NudgeConfig(url=mqtt_url, username=mqtt_username, password=password, ca_file=mqtt_ca_file)
     if enroll_token is not None and enroll_token_file is not None:
         raise ConfigError("pass --enroll-token or --enroll-token-file, not both")
     config = AgentConfig(
@@ -137,6 +162,7 @@ def agent(
         feedback_opt_in=feedback_opt_in,
         tune_budget_s=tune_budget_s,
         restart_for_tuning=True,
+        nudge=nudge,
     )
     stop = threading.Event()
 
@@ -281,25 +307,25 @@ def render_agent_env(server: str, args: list[str]) -> str:
     )
 
 
-def read_token_file(path: Path) -> str:
-    """The enrollment token in ``path``; refuses a file that other users can read (like ssh refuses a key)."""
+def read_token_file(
+    path: Path, what: str = "enrollment token", source: str = "the token from `slmops enroll-token create`"
+) -> str:
+    """The secret (``what``) in ``path``; refuses a file that other users can read (like ssh refuses a key)."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(
-            f"enrollment token file {path} does not exist; write the token from `slmops enroll-token create` there"
-        ) from None
+        raise ConfigError(f"{what} file {path} does not exist; write {source} there") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read the enrollment token file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read the {what} file {path}: {exc.strerror}") from None
     if mode & 0o077:
         raise ConfigError(
-            f"enrollment token file {path} has mode {mode:04o}, so other users can read the token; expected 0600 "
+            f"{what} file {path} has mode {mode:04o}, so other users can read it; expected 0600 "
             f"or stricter (run `chmod 600 {path}`)"
         )
     token = text.strip()
     if not token or any(c.isspace() for c in token):
-        raise ConfigError(f"enrollment token file {path} must hold one token on one line; found {len(text)} chars")
+        raise ConfigError(f"{what} file {path} must hold one secret on one line; found {len(text)} chars")
     return token
 
 

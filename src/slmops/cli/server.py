@@ -17,12 +17,19 @@ def server(
     host: str | None = typer.Option(None, "--host", help="Address to bind (default $SLMOPS_HOST or 127.0.0.1)."),
     port: int | None = typer.Option(None, "--port", help="Port to bind (default $SLMOPS_PORT or 8080)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        help="Worker processes (uvicorn's); each reads its settings from the SLMOPS_ environment. The server is "
+        "stateless: replicas and workers share the database, and one of them at a time runs the rollout controller.",
+    ),
 ) -> None:
     """Run the control plane: migrate the database, then serve the HTTP API.
 
     Create the first admin token with `slmops token create --role admin --name NAME` before or after.
 
-    Example: slmops server --host 0.0.0.0 --port 8080
+    Example: slmops server --host 0.0.0.0 --port 8080 --workers 2
     """
     try:
         import uvicorn
@@ -40,4 +47,16 @@ def server(
     settings = ServerSettings(**updates)
     ControlPlane.open(settings).close()  # migrate before serving, and fail fast on a bad database URL
     console.print(f"slmops control plane on http://{settings.host}:{settings.port} (home {settings.home})")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+        return
+    # Several processes: uvicorn starts each from an import string, and each builds its app from the environment
+    # (the same SLMOPS_ variables as this one; --host and --port go to uvicorn, which binds the socket they share).
+    uvicorn.run(
+        "slmops.control.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        log_level=log_level,
+    )

@@ -1,5 +1,10 @@
 """FastAPI dependencies: the control plane, the caller, role checks, the documented error responses, and the 422
-for a value the schema cannot check."""
+for a value the schema cannot check.
+
+FastAPI runs a plain ``def`` dependency in AnyIO's thread pool, one hop per dependency per request; the ones here
+that do no I/O are ``async def`` so they run on the event loop at no such cost. Only :func:`get_principal` reads the
+database (and so runs in the pool).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,20 @@ from slmops.control.plane import ControlPlane
 from slmops.control.schemas import ErrorBody
 from slmops.errors import AuthenticationError
 
-__all__ = ["READ", "READ_ONE", "WRITE_ONE", "Admin", "Caller", "Operator", "Plane", "Viewer", "errors", "invalid"]
+__all__ = [
+    "READ",
+    "READ_ONE",
+    "WRITE_ONE",
+    "Admin",
+    "Bearer",
+    "Caller",
+    "Operator",
+    "Plane",
+    "Viewer",
+    "errors",
+    "invalid",
+    "secret_of",
+]
 
 bearer = HTTPBearer(
     auto_error=False,
@@ -24,7 +42,7 @@ bearer = HTTPBearer(
 )
 
 
-def get_plane(request: Request) -> ControlPlane:
+async def get_plane(request: Request) -> ControlPlane:
     plane: ControlPlane = request.app.state.plane
     return plane
 
@@ -32,28 +50,34 @@ def get_plane(request: Request) -> ControlPlane:
 Plane = Annotated[ControlPlane, Depends(get_plane)]
 
 
-def get_principal(
-    plane: Plane, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
-) -> Principal:
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+
+
+def secret_of(credentials: HTTPAuthorizationCredentials | None) -> str:
+    """The bearer secret sent, or a 401 when there is none."""
     if credentials is None or not credentials.credentials:
         raise AuthenticationError("no credential; send 'Authorization: Bearer <token>'")
-    return authenticate(plane, credentials.credentials)
+    return credentials.credentials
+
+
+def get_principal(plane: Plane, credentials: Bearer) -> Principal:
+    return authenticate(plane, secret_of(credentials))
 
 
 Caller = Annotated[Principal, Depends(get_principal)]
 
 
-def _viewer(principal: Caller) -> Principal:
+async def _viewer(principal: Caller) -> Principal:
     require_role(principal, "viewer")
     return principal
 
 
-def _operator(principal: Caller) -> Principal:
+async def _operator(principal: Caller) -> Principal:
     require_role(principal, "operator")
     return principal
 
 
-def _admin(principal: Caller) -> Principal:
+async def _admin(principal: Caller) -> Principal:
     require_role(principal, "admin")
     return principal
 

@@ -37,6 +37,7 @@ from slmops.control.openapi import install_openapi
 from slmops.control.plane import ControlPlane
 from slmops.control.schemas import ErrorBody, ServerHealth
 from slmops.control.settings import ServerSettings
+from slmops.control.shedding import install_shedding
 from slmops.core.wire import API_PREFIX
 from slmops.errors import SLMOpsError
 
@@ -102,8 +103,9 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return _error(422, "invalid_request", "the request does not validate: " + "; ".join(problems))
 
 
-def _single_query_values(request: Request) -> None:
-    """Refuse a repeated query parameter: each of this API's takes one value (FastAPI would read the last)."""
+async def _single_query_values(request: Request) -> None:
+    """Refuse a repeated query parameter: each of this API's takes one value (FastAPI would read the last). An
+    ``async def``: as a plain ``def`` FastAPI would run it in the thread pool, a hop on every request."""
     params = request.query_params
     repeated = sorted({key for key in params if len(params.getlist(key)) > 1})
     if repeated:
@@ -162,9 +164,14 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
         app.state.controller = controller
         if controller is not None:
             controller.start()
+        from slmops.control.nudge import start_nudger
+
+        nudger = app.state.nudger = start_nudger(opened, settings)  # None unless SLMOPS_MQTT_URL is set
         try:
             yield
         finally:
+            if nudger is not None:
+                nudger.stop()
             if controller is not None:
                 controller.stop()
             opened.close()
@@ -211,4 +218,5 @@ def create_app(settings: ServerSettings | None = None, plane: ControlPlane | Non
         install_ui(app)
     install_metrics(app, settings.metrics_token, settings.metrics_cache_s, enabled=settings.metrics)
     install_openapi(app)
+    install_shedding(app, settings)  # outermost: a shed request costs no other middleware
     return app

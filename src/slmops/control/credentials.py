@@ -3,18 +3,26 @@
 An operator calls with an API token (``slmops_op_...``, a name and a role); a device with the credential it claimed
 (``slmops_dev_...``). Only hashes are stored (see :mod:`slmops.control.auth`). The last active admin token cannot be
 revoked, so an operator can never lock every admin out of the API.
+
+The agents' hot path (desired-state poll, heartbeat) authenticates with :func:`authenticate_device`: one indexed
+query by credential hash that also returns what desired state needs of the device, and no cache, so a revoked,
+decommissioned or replaced credential is refused on its very next request on every replica.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
+from sqlalchemy import Table, Text, bindparam, select
+from sqlalchemy import cast as cast_sql
 from sqlalchemy.exc import IntegrityError as SQLIntegrityError
 from sqlalchemy.orm import Session
 
 from slmops.control.auth import DEVICE_PREFIX, OPERATOR_PREFIX, Principal, hash_secret, new_secret
-from slmops.control.db import ApiTokenRow
+from slmops.control.db import ApiTokenRow, DeviceRow
 from slmops.control.repository import ControlRepository
 from slmops.control.schemas import ApiTokenCreated, ApiTokenPublic, Role
 from slmops.errors import AuthenticationError, ConflictError, NotFoundError, PermissionDeniedError
@@ -22,7 +30,16 @@ from slmops.errors import AuthenticationError, ConflictError, NotFoundError, Per
 if TYPE_CHECKING:
     from slmops.control.plane import ControlPlane
 
-__all__ = ["CredentialCache", "authenticate", "create_api_token", "list_api_tokens", "revoke_api_token"]
+__all__ = [
+    "CredentialCache",
+    "DeviceCaller",
+    "authenticate",
+    "authenticate_device",
+    "create_api_token",
+    "device_caller",
+    "list_api_tokens",
+    "revoke_api_token",
+]
 
 
 class CredentialCache:
@@ -47,6 +64,60 @@ class CredentialCache:
     def clear(self) -> None:
         """Forget every credential (after one was replaced or a device lost its approval)."""
         self._entries.clear()
+
+
+@dataclass(frozen=True)
+class DeviceCaller:
+    """An approved device authenticated by its credential, with what its desired state depends on: labels and
+    capabilities as the JSON text the database holds (compared as text to find a memoised desired state, parsed
+    only when it must be computed)."""
+
+    id: str
+    device_class: str
+    labels_json: str
+    capabilities_json: str | None
+
+    @property
+    def fingerprint(self) -> tuple[str, str, str | None]:
+        return (self.device_class, self.labels_json, self.capabilities_json)
+
+    def labels(self) -> dict[str, Any]:
+        labels: dict[str, Any] = json.loads(self.labels_json) or {}
+        return labels
+
+    def capabilities(self) -> dict[str, Any] | None:
+        capabilities: dict[str, Any] | None = json.loads(self.capabilities_json or "null") or None
+        return capabilities
+
+
+_DEVICES = cast(Table, DeviceRow.__table__)
+_BY_CREDENTIAL = select(
+    _DEVICES.c.id,
+    _DEVICES.c.state,
+    _DEVICES.c.device_class,
+    cast_sql(_DEVICES.c.labels, Text).label("labels"),  # the stored JSON text, not parsed
+    cast_sql(_DEVICES.c.capabilities, Text).label("capabilities"),
+).where(_DEVICES.c.credential_hash == bindparam("credential_hash"))
+
+
+def authenticate_device(plane: ControlPlane, secret: str, device_id: str) -> DeviceCaller:
+    """The approved device a device credential belongs to, which must be ``device_id``: 401 for an unknown or
+    replaced credential, 403 for a device that is not approved or a credential of another device (whether or not
+    ``device_id`` exists). One query on the credential's unique index, no cache."""
+    with plane.engine.connect() as connection:
+        row = connection.execute(_BY_CREDENTIAL, {"credential_hash": hash_secret(secret)}).one_or_none()
+    if row is None:
+        raise AuthenticationError("unknown or replaced device credential; claim a new one or re-enroll")
+    if row.state != "approved":
+        raise PermissionDeniedError(f"device {row.id} is {row.state}; it may not call the API")
+    if row.id != device_id:
+        raise PermissionDeniedError("a device credential can act only for its own device")
+    return DeviceCaller(row.id, row.device_class, row.labels or "{}", row.capabilities)
+
+
+def device_caller(row: DeviceRow) -> DeviceCaller:
+    """The same for a device row read otherwise (by an operator's call)."""
+    return DeviceCaller(row.id, row.device_class, json.dumps(row.labels), json.dumps(row.capabilities or None))
 
 
 def authenticate(plane: ControlPlane, secret: str) -> Principal:

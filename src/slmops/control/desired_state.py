@@ -14,7 +14,6 @@ of both.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,17 +23,18 @@ from sqlalchemy.orm import Session
 
 from slmops.control._candidates import CandidateCache
 from slmops.control.blueprints import applied_blueprints
-from slmops.control.devices import device_facts, require_device
+from slmops.control.credentials import DeviceCaller, device_caller
+from slmops.control.devices import require_device
 from slmops.control.repository import ControlRepository
 from slmops.control.sites import load_site_adaptations
 from slmops.core.adaptation import SiteAdaptation
 from slmops.core.desired import AppliedBlueprint, DeviceFacts, desired_state, generation_of, ranked_matches
-from slmops.core.wire import DesiredState
+from slmops.core.wire import Capabilities, DesiredState
 
 if TYPE_CHECKING:
     from slmops.control.plane import ControlPlane
 
-__all__ = ["ActiveRelease", "World", "WorldCache", "blob_allowed", "desired_state_for"]
+__all__ = ["ActiveRelease", "World", "WorldCache", "blob_allowed", "desired_state_for", "desired_state_of"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,19 @@ class WorldCache:
         """Forget the cached blueprints, releases and registry look-ups (after a change made here)."""
         with self._lock:
             self._world = None
+
+    def fresh(self, plane: ControlPlane) -> World | None:
+        """The cached world while it is fresh, without waiting for the lock or loading anything: None when it must
+        be loaded (then call :meth:`current`, off the event loop)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            world = self._world
+            if world is not None and time.monotonic() - world.loaded_at < plane.settings.desired_cache_ttl_s:
+                return world
+            return None
+        finally:
+            self._lock.release()
 
     def current(self, plane: ControlPlane) -> World:
         """The world, loaded again when older than ``desired_cache_ttl_s``; the same :class:`World` (and its memo)
@@ -121,20 +134,28 @@ class WorldCache:
 def desired_state_for(plane: ControlPlane, device_id: str) -> DesiredState:
     """The state ``device_id`` should reach, memoised per world while the device's class, labels and capabilities
     stay the same."""
-    world = plane.world_cache.current(plane)
     with Session(plane.engine) as session:
         device = require_device(ControlRepository(session), device_id)
-        fingerprint: tuple[object, ...] = (
-            device.device_class,
-            json.dumps(device.labels, sort_keys=True),
-            json.dumps(device.capabilities, sort_keys=True),
-        )
-        cached = world.memo.get(device_id)
-        if cached is not None and cached[0] == fingerprint:
-            return cached[1]
-        facts = device_facts(device)
+        caller = device_caller(device)
+    return desired_state_of(plane, caller)
+
+
+def desired_state_of(plane: ControlPlane, device: DeviceCaller, world: World | None = None) -> DesiredState:
+    """The state of a device already read (by :func:`~slmops.control.credentials.authenticate_device` on the
+    poll's hot path) in ``world`` (the current one when not given): no query of its own while the world is cached
+    and the device unchanged."""
+    world = world or plane.world_cache.current(plane)
+    fingerprint = device.fingerprint
+    cached = world.memo.get(device.id)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    raw = device.capabilities()
+    caps = Capabilities.model_validate(raw) if raw else None
+    facts = DeviceFacts(
+        device_id=device.id, labels=device.labels(), capabilities=caps, device_class=device.device_class
+    )
     state = _desired_in(world, facts)
-    world.memo[device_id] = (fingerprint, state)
+    world.memo[device.id] = (fingerprint, state)
     return state
 
 

@@ -4,13 +4,20 @@ the heartbeat through which each device keeps its row current.
 A device is ``pending`` until approved; ``revoked`` and ``decommissioned`` are final (the key must enroll again)
 and drop its credential at once. ``online`` is computed when asked: heard from within ``device_offline_after_s``
 plus ``device_offline_grace_s``.
+
+A heartbeat without events (nearly all of them) is :func:`record_heartbeat`: one ``UPDATE`` whose ``WHERE`` is the
+credential hash, the device id and ``state = 'approved'``, committed before the answer; it authenticates,
+authorizes and writes in one statement. When it matches no row (unknown credential, another device's, a device not
+approved, a missing device), the caller takes the general path, which says which it was.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
+from sqlalchemy import Table, bindparam, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from slmops.control._unit_of_work import commit_retrying
@@ -36,6 +43,7 @@ __all__ = [
     "is_online",
     "label_device",
     "list_devices",
+    "record_heartbeat",
     "report_status",
     "require_device",
     "revoke_device",
@@ -161,6 +169,65 @@ def report_status(plane: ControlPlane, device_id: str, report: StatusReport) -> 
     return commit_retrying(
         plane.engine, work, attempts=3, conflict="status reports for this device are arriving concurrently; retry"
     )
+
+
+_DEVICES = cast(Table, DeviceRow.__table__)
+_HEARTBEAT = (
+    update(_DEVICES)
+    .where(_DEVICES.c.credential_hash == bindparam("b_credential_hash"))
+    .where(_DEVICES.c.id == bindparam("b_device_id"))
+    .where(_DEVICES.c.state == "approved")
+)  # the SET clause: the columns named in the parameters (SQLAlchemy compiles and caches one per set of names)
+
+
+def record_heartbeat(
+    plane: ControlPlane, credential_hash: str, device_id: str, report: StatusReport, *, lock_wait_ms: int | None = None
+) -> StatusAck | None:
+    """Store a heartbeat without events in one committed ``UPDATE`` guarded by credential, id and approval; None
+    (nothing written) when no such device holds that credential: then :func:`report_status` after
+    :func:`~slmops.control.credentials.authenticate_device` answers with the reason.
+
+    ``lock_wait_ms`` (SQLite only): wait at most this long for another writer's lock, else return None too (the
+    caller on the event loop then retries in a worker thread, with the engine's usual wait)."""
+    if report.events:
+        raise ValueError("record_heartbeat takes reports without events; use report_status")
+    now = plane.now_iso()
+    values: dict[str, object] = {
+        "last_seen": now,
+        "updated_at": now,
+        "phase": report.phase,
+        "health": report.health,
+        "active_digest": report.active_digest,
+        "previous_digest": report.previous_digest,
+        "last_error": report.last_error.replace("\x00", "") if report.last_error else None,
+        "desired_generation": report.desired_generation,
+        "agent_version": report.agent_version.replace("\x00", "")[:64] or None,
+        "b_credential_hash": credential_hash,
+        "b_device_id": device_id,
+    }
+    if report.capabilities is not None:
+        values["capabilities"] = report.capabilities.model_dump(mode="json")
+        values["device_class"] = device_class(report.capabilities)
+    with plane.engine.connect() as connection:
+        waits, usual = lock_wait_ms is not None and connection.dialect.name == "sqlite", 0
+        driver: Any = connection.connection.driver_connection  # sqlite3.Connection: pragmas outside any transaction
+        if waits:
+            info = connection.connection.info  # lives as long as the database connection
+            if "slmops_busy_timeout" not in info:
+                info["slmops_busy_timeout"] = int(driver.execute("PRAGMA busy_timeout").fetchone()[0])
+            usual = info["slmops_busy_timeout"]
+            driver.execute(f"PRAGMA busy_timeout = {int(lock_wait_ms or 0)}")
+        try:
+            with connection.begin():  # committed before returning: the heartbeat is stored when it is acked
+                rows = getattr(connection.execute(_HEARTBEAT, values), "rowcount", 0)
+        except OperationalError:
+            if not waits:
+                raise
+            return None  # locked by another writer for longer than lock_wait_ms
+        finally:
+            if waits:
+                driver.execute(f"PRAGMA busy_timeout = {usual}")
+    return StatusAck(accepted_event_ids=[], server_time=now) if rows == 1 else None
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -1,4 +1,12 @@
-"""The wire endpoints agents call (see ``slmops.core.wire``): enroll, claim, desired state, status, blobs."""
+"""The wire endpoints agents call (see ``slmops.core.wire``): enroll, claim, desired state, status, blobs.
+
+The desired-state poll and the heartbeat are the hot path: every device calls them every poll interval. Each is an
+``async def`` whose database work (the credential check included) is one indexed statement: on SQLite it runs on
+the event loop (see :func:`_on_loop`), elsewhere in one hop to AnyIO's thread pool rather than one hop per
+dependency; either way the answer is bytes it serialised itself. A device credential is checked on
+every request against the database (:func:`~slmops.control.credentials.authenticate_device`; a heartbeat's check is
+the ``WHERE`` of its own ``UPDATE``), and the heartbeat is committed before the 200.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +17,15 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
 
-from slmops.control._deps import Caller, Plane, errors, invalid
-from slmops.control.auth import require_device, require_role
-from slmops.control.desired_state import blob_allowed, desired_state_for
-from slmops.control.devices import report_status
+from slmops.control._deps import Bearer, Caller, Plane, errors, invalid, secret_of
+from slmops.control.auth import DEVICE_PREFIX, hash_secret, require_device, require_role
+from slmops.control.credentials import authenticate, authenticate_device
+from slmops.control.desired_state import blob_allowed, desired_state_for, desired_state_of
+from slmops.control.devices import record_heartbeat, report_status
 from slmops.control.enrollment import claim_credential, enroll_device
+from slmops.control.plane import ControlPlane
 from slmops.control.ranges import RangeNotSatisfiable, etag_matches, parse_range
 from slmops.control.schemas import ErrorBody, Labels
 from slmops.core.wire import ClaimRequest, DesiredState, EnrollRequest, EnrollResponse, StatusAck, StatusReport
@@ -23,6 +34,7 @@ from slmops.errors import NotFoundError, PermissionDeniedError, SignatureError
 __all__ = ["router"]
 
 router = APIRouter(tags=["agents"])
+LOOP_LOCK_WAIT_MS = 20  # the longest a heartbeat on the event loop waits for another writer's SQLite lock
 DeviceId = Annotated[str, Path(min_length=1, max_length=64)]
 Digest = Annotated[str, Path(pattern=r"^sha256:[0-9a-f]{64}$")]
 _LABELS = TypeAdapter(Labels)
@@ -74,21 +86,34 @@ def claim(request: ClaimRequest, plane: Plane) -> JSONResponse:
     },
     summary="The state a device should reach; 304 when unchanged",
 )
-def desired(
+async def desired(
     device_id: DeviceId,
-    principal: Caller,
     plane: Plane,
+    credentials: Bearer,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    if principal.kind == "device":
-        require_device(principal, device_id)
+    secret = secret_of(credentials)
+    if secret.startswith(DEVICE_PREFIX) and _on_loop(plane):
+        world = plane.world_cache.fresh(plane)
+        if world is not None:  # else it is loaded in a worker thread, never on the event loop
+            return _answer(desired_state_of(plane, authenticate_device(plane, secret, device_id), world), if_none_match)
+    return await run_in_threadpool(_desired, plane, secret, device_id, if_none_match)
+
+
+def _desired(plane: ControlPlane, secret: str, device_id: str, if_none_match: str | None) -> Response:
+    if secret.startswith(DEVICE_PREFIX):
+        state = desired_state_of(plane, authenticate_device(plane, secret, device_id))
     else:
-        require_role(principal, "viewer")
-    state = desired_state_for(plane, device_id)
+        require_role(authenticate(plane, secret), "viewer")
+        state = desired_state_for(plane, device_id)
+    return _answer(state, if_none_match)
+
+
+def _answer(state: DesiredState, if_none_match: str | None) -> Response:
     etag = f'"{state.generation}"'
     if etag_matches(if_none_match, etag, weak=True):
         return Response(status_code=304, headers={"ETag": etag})
-    return JSONResponse(state.model_dump(mode="json"), headers={"ETag": etag})
+    return Response(state.model_dump_json(), media_type="application/json", headers={"ETag": etag})
 
 
 @router.post(
@@ -97,9 +122,32 @@ def desired(
     responses={**errors(401, 403, 404, 409, 422)},
     summary="Heartbeat: what the device runs, its phase and health, and its events (idempotent by event id)",
 )
-def status(device_id: DeviceId, report: StatusReport, principal: Caller, plane: Plane) -> StatusAck:
-    require_device(principal, device_id)
-    return report_status(plane, device_id, report)
+async def status(device_id: DeviceId, report: StatusReport, plane: Plane, credentials: Bearer) -> Response:
+    secret = secret_of(credentials)
+    if secret.startswith(DEVICE_PREFIX) and not report.events and _on_loop(plane):
+        ack = record_heartbeat(plane, hash_secret(secret), device_id, report, lock_wait_ms=LOOP_LOCK_WAIT_MS)
+        if ack is not None:
+            return Response(ack.model_dump_json(), media_type="application/json")
+    return await run_in_threadpool(_status, plane, secret, device_id, report)
+
+
+def _status(plane: ControlPlane, secret: str, device_id: str, report: StatusReport) -> Response:
+    if secret.startswith(DEVICE_PREFIX):
+        if not report.events:
+            ack = record_heartbeat(plane, hash_secret(secret), device_id, report)
+            if ack is not None:
+                return Response(ack.model_dump_json(), media_type="application/json")
+        authenticate_device(plane, secret, device_id)  # events to store, or no row matched: this says why
+    else:
+        require_device(authenticate(plane, secret), device_id)  # an operator token: 403
+    return Response(report_status(plane, device_id, report).model_dump_json(), media_type="application/json")
+
+
+def _on_loop(plane: ControlPlane) -> bool:
+    """Whether the hot path's one query runs on the event loop: on SQLite (a WAL read never waits for a writer,
+    a one-row write waits at most ``LOOP_LOCK_WAIT_MS``), where it costs less than the hop to a worker thread;
+    other databases are a network round trip away, so there it runs in a worker thread."""
+    return plane.engine.dialect.name == "sqlite"
 
 
 _BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}

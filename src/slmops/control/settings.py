@@ -48,6 +48,24 @@ class ServerSettings(BaseSettings):
     drift_horizon_s: float = Field(default=7 * 86400.0, gt=0)  # how far back a shift's start is searched
     price_table_file: Path | None = None  # YAML cloud prices and edge profiles for the cost report; none: the example
     ui: bool = True  # serve the dashboard at /ui
+    # MQTT nudges (control/nudge.py): mqtt://host:1883 or mqtts://host:8883; none: off (devices only poll)
+    mqtt_url: str | None = None
+    mqtt_username: str | None = None  # a broker user that may only publish on mqtt_topic_prefix/#
+    mqtt_password: str | None = None
+    mqtt_ca_file: Path | None = None  # mqtts: the CA of the broker's certificate (default: the system's)
+    mqtt_topic_prefix: str = Field(default="slmops/nudge", min_length=1, pattern=r"^[^#+\x00]+$")
+    nudge_tick_s: float = Field(default=1.0, gt=0)  # how often the nudger looks for a changed world
+    nudge_rescan_s: float = Field(default=300.0, gt=0)  # and compares every device with its report anyway
+    nudge_retry_s: float = Field(default=120.0, ge=0)  # a device still behind this long after its nudge: again
+    nudge_rate_per_s: float = Field(default=500.0, gt=0)  # at most this many nudges published per second
+    nudge_batch: int = Field(default=500, ge=1, le=10_000)  # devices read per query of a scan
+    nudge_lease_s: float = Field(default=30.0, gt=0)  # one replica nudges; it loses the lease after this
+    # load shedding (control/shedding.py) of device requests: beyond these bounds, 503 + Retry-After at once
+    shed_max_in_flight: int = Field(default=64, ge=0)  # device requests served at once; beyond: wait, then 503 (0: off)
+    shed_max_queued: int = Field(default=256, ge=0)  # device requests that may wait for a slot ...
+    shed_queue_wait_s: float = Field(default=0.5, ge=0)  # ... this long, then 503 + Retry-After
+    shed_retry_after_s: int = Field(default=5, ge=0)  # Retry-After of a shed request: this ...
+    shed_retry_after_jitter_s: int = Field(default=10, ge=0)  # ... plus up to this many seconds, uniformly
 
     def registry_settings(self) -> Settings:
         return Settings(home=self.home, database_url=self.database_url)

@@ -29,12 +29,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from slmops import __version__
+from slmops.agent.client import parse_retry_after
 from slmops.core.candidates import version_label
 from slmops.core.wire import (
     API_PREFIX,
@@ -58,6 +59,9 @@ from slmops.sim.profiles import DeviceProfile
 from slmops.sim.runtime import SimulatedRuntime
 from slmops.telemetry.aggregate import histogram_from_ms
 from slmops.telemetry.drift import summarize
+
+if TYPE_CHECKING:
+    from slmops.sim.nudge import FleetNudges
 
 __all__ = ["SimAgent", "sleep_unless_stopped"]
 
@@ -105,6 +109,8 @@ class SimAgent:
     ) -> None:
         self.name = name
         self.gate: asyncio.Semaphore | None = None  # set by FleetRun: at most max_connections requests in flight
+        self.nudges: FleetNudges | None = None  # set by FleetRun when the fleet listens for MQTT nudges
+        self._nudged = asyncio.Event()
         self.requests_per_window = requests_per_window
         self.telemetry_window_s = telemetry_window_s
         self.windows: list[TelemetryWindow] = []
@@ -142,12 +148,13 @@ class SimAgent:
         headers = dict(kwargs.pop("headers", {}))
         if self.credential is not None:
             headers["Authorization"] = f"Bearer {self.credential}"
-        last = "no attempt"
+        last, retry_after = "no attempt", 0.0
         for attempt in range(MAX_ATTEMPTS):
             if attempt:
                 self.counters["retries"] += 1
                 delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
-                await asyncio.sleep(self.rng.uniform(0, delay))  # full jitter
+                await asyncio.sleep(retry_after + self.rng.uniform(0, delay))  # full jitter after Retry-After
+                retry_after = 0.0
             try:
                 if self.rng.random() < self.profile.flaky_network_probability:
                     raise _Lost()
@@ -168,6 +175,7 @@ class SimAgent:
             if response.status_code == 429 or response.status_code >= 500:
                 self.counters[f"http_{response.status_code}"] += 1
                 last = f"HTTP {response.status_code}"
+                retry_after = parse_retry_after(response.headers.get("Retry-After")) or 0.0
                 continue
             return response
         raise UnavailableError(f"{kind} failed {MAX_ATTEMPTS} times; last: {last}")
@@ -239,7 +247,9 @@ class SimAgent:
             return
         if self.credential is None and not await self.enroll(client, token, stop):
             return
-        if await sleep_unless_stopped(stop, self.rng.uniform(0, self.poll_interval_s)):
+        if self.nudges is not None:
+            self.nudges.watch(self)
+        if await self._wait_for_poll(stop, self.rng.uniform(0, self.poll_interval_s)):
             return
         while not stop.is_set():
             self.close_window()
@@ -249,8 +259,28 @@ class SimAgent:
                     await self.send_telemetry(client)
                 except UnavailableError:
                     self.counters["failed_polls"] += 1
-            if await sleep_unless_stopped(stop, self._jittered()):
+            if await self._wait_for_poll(stop, self._jittered()):
                 return
+
+    def nudge(self) -> None:
+        """Poll now (an MQTT nudge arrived; called in the fleet's event loop)."""
+        self._nudged.set()
+
+    async def _wait_for_poll(self, stop: asyncio.Event, seconds: float) -> bool:
+        """Sleep until the next poll: ``seconds``, or less when nudged; True when ``stop`` was set meanwhile."""
+        if self.nudges is None:
+            return await sleep_unless_stopped(stop, seconds)
+        stopped = asyncio.ensure_future(stop.wait())
+        nudged = asyncio.ensure_future(self._nudged.wait())
+        try:
+            await asyncio.wait((stopped, nudged), timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            nudged.cancel()
+        if self._nudged.is_set():
+            self._nudged.clear()
+            self.counters["nudged_polls"] += 1
+        return stop.is_set()
 
     def _offline(self) -> bool:
         now = time.monotonic()

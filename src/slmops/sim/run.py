@@ -12,13 +12,16 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from slmops.sim.agent import SimAgent, sleep_unless_stopped
 from slmops.sim.fleet import FleetSpec
 from slmops.sim.runtime import SimulatedRuntime
+
+if TYPE_CHECKING:
+    from slmops.agent.nudge import NudgeConfig
 
 __all__ = ["BackgroundFleet", "FleetRun", "FleetSummary"]
 
@@ -67,8 +70,10 @@ class FleetRun:
         enroll_spread_s: float = 0.0,
         download_time_scale: float = 1.0,
         telemetry_window_s: float | None = None,
+        nudges: NudgeConfig | None = None,
     ) -> None:
         self.spec = spec
+        self.nudges = nudges  # listen for MQTT nudges (sim/nudge.py): one broker connection for the whole fleet
         self.telemetry_window_s = telemetry_window_s
         self.server_url = server_url.rstrip("/")
         self.enroll_token = enroll_token
@@ -122,8 +127,25 @@ class FleetRun:
         limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
         timeout = httpx.Timeout(self.timeout_s, pool=None)  # waiting for a pooled connection is not a failure
         gate = asyncio.Semaphore(self.max_connections)
+        nudges = None
+        if self.nudges is not None:
+            from slmops.sim.nudge import FleetNudges
+
+            nudges = FleetNudges(self.nudges, asyncio.get_running_loop()).open()
         for agent in self.agents:
             agent.gate = gate
+            agent.nudges = nudges
+        try:
+            return await self._run(stop, duration_s, limits, timeout)
+        finally:
+            if nudges is not None:
+                nudges.close()
+            for agent in self.agents:
+                agent.nudges = None
+
+    async def _run(
+        self, stop: asyncio.Event, duration_s: float | None, limits: httpx.Limits, timeout: httpx.Timeout
+    ) -> FleetSummary:
         async with httpx.AsyncClient(base_url=self.server_url, limits=limits, timeout=timeout) as client:
             count = len(self.agents)
             tasks = [

@@ -4,7 +4,9 @@ Each tick it takes or renews the ``rollout-controller`` lease (only the replica 
 are safe), and for each running or paused release records the cohort of the current stage, gathers the evidence,
 asks :func:`slmops.core.rollout.evaluate_stage` and acts: promote, hold (an event when the reason changes) or halt.
 Each tick is idempotent and uses only database state, so a restarted or replaced controller resumes where the last
-one stopped.
+one stopped. A decision is written by one conditional UPDATE on the release's ``revision`` that also requires the
+lease to be still held by this replica (a fence), with its event in the same transaction: a replica that lost the
+lease while it evaluated, or raced another, writes nothing, so no promotion or halt is taken twice or lost.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from slmops.control.db import ACTIVE_RELEASE_STATES
-from slmops.control.lease import acquire_lease, release_lease
+from slmops.control.lease import acquire_lease, holds, release_lease
 from slmops.control.repository import ControlRepository
 from slmops.control.rollouts._rows import record_event, require_release
 from slmops.control.rollouts.cohort import Winners, sync_members
@@ -143,8 +145,11 @@ class RolloutController:
                 if key != previous_key:
                     record_event(session, row, "hold", "controller", evaluation.reason, numbers, now)
             changed = row.state != state_before or row.stage_index != stage_before
-            if not commit_guarded(session, row, revision, now):
-                return  # an operator changed it meanwhile; the next tick sees the new state
+            fence = holds(CONTROLLER_LEASE, self.holder, plane.now_epoch())
+            if not commit_guarded(session, row, revision, now, fence):
+                # An operator or another controller changed it meanwhile, or this replica lost the lease while it
+                # evaluated: nothing was written (no decision twice); the holder's next tick sees the new state.
+                return
         if changed:
             plane.world_cache.invalidate()
             sync_members(plane, release_id, self._winners)

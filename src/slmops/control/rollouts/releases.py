@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.exc import IntegrityError as SQLIntegrityError
 from sqlalchemy.orm import Session
 
@@ -61,6 +61,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_SQL_INTEGER_MAX = 2**31 - 1  # an INTEGER id column outside SQLite (PostgreSQL's int4); SQLite's rowid is 64-bit
 
 
 def _family(plane: ControlPlane, reference: str) -> tuple[str, str, list[str]]:
@@ -151,6 +153,9 @@ def release(plane: ControlPlane, release_id: str) -> ReleasePublic:
 
 
 def release_events(plane: ControlPlane, release_id: str, after: int = 0, limit: int = 500) -> list[ReleaseEventPublic]:
+    """The release's events with an id above ``after`` (a cursor), oldest first."""
+    if plane.engine.dialect.name != "sqlite":
+        after = min(after, _SQL_INTEGER_MAX)  # no id is larger: the same empty page, not an out-of-range error
     with Session(plane.engine) as session:
         require_release(session, release_id)
         rows = session.scalars(
@@ -236,8 +241,12 @@ def _operator_change(
     raise ConflictError(f"release {release_id} is changing concurrently; try again")
 
 
-def commit_guarded(session: Session, row: ReleaseRow, revision: int, now: float) -> bool:
-    """Write ``row``'s changes only if nobody changed the release since it was read (optimistic locking)."""
+def commit_guarded(
+    session: Session, row: ReleaseRow, revision: int, now: float, fence: ColumnElement[bool] | None = None
+) -> bool:
+    """Write ``row``'s changes (and the events added to ``session``) only if nobody changed the release since it
+    was read (optimistic locking) and, with a ``fence`` (:func:`slmops.control.lease.holds`), only while the
+    writer still holds its lease; False, with nothing written, otherwise."""
     values = {
         "state": row.state,
         "stage_index": row.stage_index,
@@ -252,7 +261,7 @@ def commit_guarded(session: Session, row: ReleaseRow, revision: int, now: float)
     session.expunge(row)
     result = session.execute(
         update(ReleaseRow)
-        .where(ReleaseRow.id == row.id, ReleaseRow.revision == revision)
+        .where(ReleaseRow.id == row.id, ReleaseRow.revision == revision, *([fence] if fence is not None else []))
         .values(**values)
         .execution_options(synchronize_session=False)
     )
