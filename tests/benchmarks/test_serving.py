@@ -22,9 +22,10 @@ def test_the_quick_mode_measures_every_system_and_writes_its_section(tmp_path: P
     # Execute
     result = main([*argv, "--output", str(output), "--json", str(tmp_path / "serving.json")])
 
-    # Assert: two in-process candidates (one per wait policy), the best of them is the reference.
+    # Assert: three in-process candidates (one per wait policy), the best of them is the reference.
     candidates = result["candidates"]
-    assert [c["config"].split()[1] for c in candidates] == ["OMP_WAIT_POLICY=active", "OMP_WAIT_POLICY=passive"]
+    policies = [c["config"].split()[1] for c in candidates]
+    assert policies == ["OMP_WAIT_POLICY=active", "OMP_WAIT_POLICY=passive", "OMP_WAIT_POLICY=bounded"]
     assert result["reference"] in candidates
     systems = {s["name"]: s for s in result["systems"]}
     served = ["agent (local API)", "slmops serve"]

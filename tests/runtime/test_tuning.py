@@ -56,7 +56,7 @@ def test_thread_counts_cover_one_and_all_cores_ascending(cores: int) -> None:
 @given(
     st.integers(min_value=1, max_value=64),
     st.lists(st.sampled_from([64, 128, 512, 2048]), min_size=1, max_size=3, unique=True),
-    st.sampled_from([("passive", "active"), ("active",), ("passive",)]),
+    st.sampled_from([("passive", "bounded", "active"), ("passive", "active"), ("active",), ("bounded",)]),
 )
 def test_candidates_compare_threads_and_policies_first_and_share_children_safely(
     cores: int, batches: list[int], policies: tuple[str, ...]
@@ -83,16 +83,20 @@ def test_candidates_for_two_cores() -> None:
     assert cands == [
         Candidate(1, None, 512),
         Candidate(2, "passive", 512),
+        Candidate(2, "bounded", 512),
         Candidate(2, "active", 512),
         Candidate(1, None, 128),
         Candidate(2, "passive", 128),
+        Candidate(2, "bounded", 128),
         Candidate(2, "active", 128),
     ]
     assert child_groups(cands) == [
         ("passive", cands[0:2]),
-        ("active", cands[2:3]),
-        ("passive", cands[3:5]),
-        ("active", cands[5:6]),
+        ("bounded", cands[2:3]),
+        ("active", cands[3:4]),
+        ("passive", cands[4:6]),
+        ("bounded", cands[6:7]),
+        ("active", cands[7:8]),
     ]
     assert candidates(2, policies=("active",)) == [
         Candidate(1, None, 512),
@@ -113,7 +117,7 @@ measurements = st.lists(
     st.builds(
         _m,
         st.integers(1, 8),
-        st.sampled_from([None, "active", "passive"]),
+        st.sampled_from([None, "active", "passive", "bounded"]),
         st.sampled_from([128, 512]),
         st.floats(0, 5000),
         st.floats(0.1, 200),
@@ -155,6 +159,11 @@ def test_choose_prefers_prefill_then_fewer_threads_then_passive_among_equals() -
     assert choose([_m(2, "active", 512, 500, 74), _m(1, None, 512, 495, 75)]).threads == 1
     assert choose([_m(2, "active", 512, 500, 74), _m(2, "passive", 128, 495, 75)]).omp_wait_policy == "passive"
     assert choose([_m(2, "passive", 128, 500, 74), _m(2, "passive", 512, 495, 75)]).batch_tokens == 512
+    # the idle cost decides among equals: bounded (spins ~ms, then sleeps) before active (spins for minutes) ...
+    assert choose([_m(2, "active", 512, 500, 75), _m(2, "bounded", 512, 495, 74)]).omp_wait_policy == "bounded"
+    # ... and passive before bounded; a faster active still wins
+    assert choose([_m(2, "bounded", 512, 500, 75), _m(2, "passive", 512, 495, 74)]).omp_wait_policy == "passive"
+    assert choose([_m(2, "active", 512, 500, 75), _m(2, "bounded", 512, 495, 60)]).omp_wait_policy == "active"
 
 
 def test_choose_refuses_when_nothing_decoded() -> None:
@@ -187,7 +196,7 @@ def test_each_child_runs_with_the_wait_policy_and_threads_it_claims(tiny_model: 
         assert m.child_threads == m.candidate.threads
         assert m.child_wait_policy == (m.candidate.omp_wait_policy or "passive")  # one thread runs in the first child
         assert m.decode_tokens_per_s > 0 and m.prefill_tokens_per_s > 0
-    assert outcome.tuning.candidates_measured == 6 and outcome.tuning.model_digest == "sha256:tiny"
+    assert outcome.tuning.candidates_measured == 8 and outcome.tuning.model_digest == "sha256:tiny"
     assert outcome.tuning == choose(
         outcome.measurements, model_digest="sha256:tiny", measured_at=outcome.tuning.measured_at
     )
@@ -298,6 +307,9 @@ def test_the_process_loads_llama_cpp_with_the_applied_policy_else_the_fallback()
     assert _policy_after_import({}, "pass") == ["passive", "passive", "False", "None"]
     applied = _policy_after_import({}, "assert tuning.apply_wait_policy('active')")
     assert applied == ["active", "active", "False", "None"]  # set before the import; refused after it
+    # bounded: OMP_WAIT_POLICY stays unset (the OpenMP runtime's default) and the passive fallback does not apply
+    bounded = _policy_after_import({}, "assert tuning.apply_wait_policy('bounded')")
+    assert bounded == ["None", "bounded", "False", "None"]
     user = _policy_after_import({"OMP_WAIT_POLICY": "passive"}, "assert not tuning.apply_wait_policy('active')")
     assert user == ["passive", "passive", "False", "passive"]  # the user's choice stands
 

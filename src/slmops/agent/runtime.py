@@ -19,7 +19,6 @@ local API's ``/metrics`` shows it as ``slmops_runtime_tuning_*`` gauges.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -107,6 +106,7 @@ class LlamaRuntime:
         self.restart_wanted: RuntimeTuning | None = None  # a better choice that needs another OpenMP wait policy
         self._last_measured: TuningOutcome | None = None
         self._last_failed: str | None = None  # the digest whose measurement failed last
+        self._health_mark: tuple[str | None, int, int] | None = None  # (digest, answered, failed) at the last check
 
     @property
     def url(self) -> str | None:
@@ -174,7 +174,7 @@ class LlamaRuntime:
         return self._last_measured
 
     def _serving_tuning(self, model_file: Path, digest: str, adapter_file: Path | None) -> RuntimeTuning | None:
-        from slmops.runtime.tuning import apply_wait_policy, realizable
+        from slmops.runtime.tuning import apply_wait_policy, process_wait_policy, realizable
 
         outcome = self._tuned(model_file, digest, adapter_file)
         self.tuning_outcome = outcome
@@ -183,7 +183,7 @@ class LlamaRuntime:
             return None
         chosen = outcome.tuning
         apply_wait_policy(chosen.omp_wait_policy)  # effective only before this process first imports llama.cpp
-        process_policy = os.environ.get("OMP_WAIT_POLICY", "").strip().lower() or "passive"
+        process_policy = process_wait_policy()
         tolerance = self.tuning_config.tolerance if self.tuning_config is not None else 0.03
         served = realizable(chosen, outcome.measurements, process_policy, tolerance=tolerance)
         if served != chosen:
@@ -229,7 +229,7 @@ class LlamaRuntime:
         policy = GaugeMetricFamily(
             "slmops_runtime_tuning_omp_wait_policy", "1 for the OpenMP wait policy served with.", labels=["policy"]
         )
-        for name in ("active", "passive", "none"):
+        for name in ("active", "passive", "bounded", "none"):
             policy.add_metric([name], 1.0 if (tuning.omp_wait_policy or "none") == name else 0.0)
         yield policy
 
@@ -291,14 +291,28 @@ class LlamaRuntime:
             self._host.deactivate()
 
     def check(self) -> ProbeRecord:
+        """Is the served model healthy? Real traffic is the evidence first: when the local API answered requests
+        with text since the last check and none failed or came back empty, the model is healthy without a probe
+        (a probe would take the model from the users for its generation, on a device that is busy anyway).
+        Otherwise (no traffic, or any failure) the fixed probe prompt judges, as it does at activation."""
         from slmops.runtime.probe import ProbeConfig, probe_backend
 
-        if self._host is None or self._host.active is None:
+        info = self._host.active if self._host is not None else None
+        if self._host is None or info is None:
             return ProbeRecord(ok=False, reason="no model is loaded")
+        if self._stats is not None:
+            answered, failed = self._stats.served(info.model_id)
+            mark, self._health_mark = self._health_mark, (info.digest, answered, failed)
+            if mark is not None and mark[0] == info.digest and answered > mark[1] and failed == mark[2]:
+                return ProbeRecord(
+                    ok=True, reason=f"{answered - mark[1]} requests answered since the last check, none failed"
+                )
         try:
-            with self._host.lease() as (backend, info):
+            with self._host.lease() as (backend, leased):
                 result = probe_backend(
-                    backend, info, ProbeConfig(max_tokens=self.probe_max_tokens, max_latency_s=self.probe_max_latency_s)
+                    backend,
+                    leased,
+                    ProbeConfig(max_tokens=self.probe_max_tokens, max_latency_s=self.probe_max_latency_s),
                 )
         except Exception as exc:  # a failing model must not take the agent down
             return ProbeRecord(ok=False, reason=f"health check failed: {type(exc).__name__}")

@@ -75,7 +75,9 @@ class RuntimeTuning(_Wire):
     runtime: str = Field(default="llama.cpp", max_length=32)
     model_digest: str = Field(default="", max_length=80)  # the manifest digest it was measured with
     threads: int = Field(ge=1, le=256)
-    omp_wait_policy: Literal["active", "passive"] | None = None  # None: the runtime has no OpenMP threads
+    # active: threads spin between parallel regions; passive: they sleep at once; bounded: the OpenMP runtime's own
+    # default, spin a few milliseconds then sleep (OMP_WAIT_POLICY unset); None: the runtime has no OpenMP threads
+    omp_wait_policy: Literal["active", "passive", "bounded"] | None = None
     batch_tokens: int = Field(ge=1, le=1 << 16)
     decode_tokens_per_s: float = Field(ge=0)
     prefill_tokens_per_s: float = Field(ge=0)

@@ -60,6 +60,7 @@ class RequestStats:
         self._max_requests = max_requests
         self._models: dict[str, _Acc] = {}
         self._rejected = 0
+        self._served: dict[str, tuple[int, int]] = {}  # model id -> (answered, failed), never reset by take()
 
     def _acc(self, model_id: str) -> _Acc:
         acc = self._models.get(model_id)
@@ -90,7 +91,10 @@ class RequestStats:
         ``finish_reason`` defaults to "stop" (or "error" when not ``ok``); ``empty`` to "no completion token";
         ``prompt_nll`` is the prompt's mean negative log-likelihood in nats per token, None when not measured.
         """
+        answered = ok and (not empty if empty is not None else completion_tokens > 0)
         with self._lock:
+            good, bad = self._served.get(model_id, (0, 0))
+            self._served[model_id] = (good + 1, bad) if answered else (good, bad + 1)
             acc = self._acc(model_id)
             acc.requests += 1
             acc.errors += 0 if ok else 1
@@ -109,6 +113,12 @@ class RequestStats:
                     empty=empty,
                 )
             )
+
+    def served(self, model_id: str) -> tuple[int, int]:
+        """Requests to ``model_id`` since this object was made: (answered with text, failed or empty). Not reset by
+        :meth:`take`, so a reader can tell whether real traffic went well since it last looked."""
+        with self._lock:
+            return self._served.get(model_id, (0, 0))
 
     def record_rejected(self) -> None:
         with self._lock:

@@ -68,13 +68,20 @@ __all__ = [
     "device_fingerprint",
     "loaded_wait_policy",
     "measure",
+    "process_wait_policy",
     "realizable",
     "thread_counts",
     "tune",
     "user_wait_policy",
+    "wait_policy_env",
 ]
 
-WaitPolicy = Literal["active", "passive"]
+WaitPolicy = Literal["active", "passive", "bounded"]
+# what each policy costs a device while it is idle: passive threads sleep at once; bounded ones (OMP_WAIT_POLICY
+# unset: GNU OpenMP spins about 3 ms, LLVM's 200 ms, then sleeps) after a short spin; active ones spin for minutes
+# (GNU OpenMP: about 5 minutes after the last parallel region, a whole core per thread: measured 100% of a core on
+# an idle agent here). Among measured equals the lower rank wins.
+_IDLE_COST: dict[str | None, int] = {None: 0, "passive": 0, "bounded": 1, "active": 2}
 DEFAULT_BATCH_TOKENS = 512
 # set with OMP_WAIT_POLICY by apply_wait_policy and by _import_llama_cpp's fallback: "slmops chose it, not the user"
 _SET_MARK = "SLMOPS_SET_OMP_WAIT_POLICY"
@@ -155,7 +162,7 @@ def candidates(
     cores: int,
     *,
     batch_sizes: Sequence[int] = (DEFAULT_BATCH_TOKENS, 128),
-    policies: Sequence[WaitPolicy] = ("passive", "active"),
+    policies: Sequence[WaitPolicy] = ("passive", "bounded", "active"),
 ) -> list[Candidate]:
     """The configurations to measure, most telling first, so a short budget still compares threads and policies:
     every thread count and policy at the first batch size (one thread first, then ascending threads per policy),
@@ -202,7 +209,8 @@ def choose(
     runtime: str = "llama.cpp",
 ) -> RuntimeTuning:
     """The best measured configuration: highest decode tokens/s; within ``tolerance`` of it the highest prefill;
-    within ``tolerance`` of that the fewest threads, then ``passive`` before ``active``, then the larger batch."""
+    within ``tolerance`` of that the fewest threads, then the policy that costs an idle device least (``passive``,
+    ``bounded``, ``active``), then the larger batch."""
     usable = [m for m in measurements if m.decode_tokens_per_s > 0]
     if not usable:
         raise RuntimeBackendError(
@@ -217,7 +225,7 @@ def choose(
         near,
         key=lambda m: (
             m.candidate.threads,
-            0 if m.candidate.omp_wait_policy in (None, "passive") else 1,
+            _IDLE_COST[m.candidate.omp_wait_policy],
             -m.candidate.batch_tokens,
             -m.decode_tokens_per_s,
         ),
@@ -245,7 +253,8 @@ def realizable(
         return tuning
     fits = [m for m in measurements if m.candidate.omp_wait_policy in (None, loaded)]
     if not fits:
-        return tuning.model_copy(update={"omp_wait_policy": loaded if loaded in ("active", "passive") else None})
+        known = loaded if loaded in ("active", "passive", "bounded") else None
+        return tuning.model_copy(update={"omp_wait_policy": known})
     return choose(
         fits,
         model_digest=tuning.model_digest,
@@ -266,11 +275,36 @@ def user_wait_policy() -> WaitPolicy | None:
     return "active" if value == "active" else "passive"
 
 
+def process_wait_policy() -> str:
+    """The wait policy this process's OpenMP runtime runs (or will run) with: the environment's ``OMP_WAIT_POLICY``,
+    ``bounded`` when a measurement chose the runtime's default, else ``passive`` (the fallback of
+    :func:`slmops.runtime.backend._import_llama_cpp`)."""
+    value = os.environ.get("OMP_WAIT_POLICY", "").strip().lower()
+    if value:
+        return value
+    return "bounded" if os.environ.get(_SET_MARK) == "bounded" else "passive"
+
+
 def loaded_wait_policy() -> str | None:
     """The wait policy this process's OpenMP runtime loaded with, or None while llama.cpp is not imported."""
     if "llama_cpp" not in sys.modules:
         return None
-    return os.environ.get("OMP_WAIT_POLICY", "").strip().lower() or None
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().lower() or (
+        "bounded" if os.environ.get(_SET_MARK) == "bounded" else None
+    )
+
+
+def wait_policy_env(policy: str | None, env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a child process that should run ``policy`` (None: keep the inherited one, else ``passive``):
+    ``OMP_WAIT_POLICY`` set, or removed for ``bounded`` (the OpenMP runtime's default) with the mark that stops the
+    passive fallback."""
+    chosen = policy or env.get("OMP_WAIT_POLICY") or "passive"
+    if chosen == "bounded":
+        env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = chosen
+    env[_SET_MARK] = chosen.lower()
+    return env
 
 
 def apply_wait_policy(policy: str | None) -> bool:
@@ -278,7 +312,10 @@ def apply_wait_policy(policy: str | None) -> bool:
     nothing (returns False) once llama.cpp is imported, when ``policy`` is None, or when the user set a policy."""
     if policy is None or "llama_cpp" in sys.modules or user_wait_policy() is not None:
         return False
-    os.environ["OMP_WAIT_POLICY"] = policy
+    if policy == "bounded":
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = policy
     os.environ[_SET_MARK] = policy
     return True
 
@@ -419,7 +456,8 @@ def measure(
         remaining = config.budget_s - (clock() - start)
         if measured and remaining <= 0:
             break
-        overrides = {"OMP_WAIT_POLICY": policy or os.environ.get("OMP_WAIT_POLICY", "passive")}
+        inherited = os.environ.get("OMP_WAIT_POLICY") or ("bounded" if os.environ.get(_SET_MARK) == "bounded" else None)
+        env = wait_policy_env(policy or inherited, child_env())
         request = {
             "path": str(model_path),
             "lora_path": str(lora_path) if lora_path else None,
@@ -431,7 +469,7 @@ def measure(
             "context_tokens": config.context_tokens,
         }
         timeout_s = min(config.child_timeout_s, max(remaining, 0.0) + 60.0)
-        outcome = run_child("slmops.runtime.tuning", request, timeout_s, child_env(overrides))
+        outcome = run_child("slmops.runtime.tuning", request, timeout_s, env)
         if outcome.result is None:
             failures.append(f"{policy or 'one thread'}: {outcome.failure}")
             done.update(members)  # tried; a crash for one policy does not stop the other
@@ -474,7 +512,7 @@ def tune(
     cands = candidates(
         cores or os.cpu_count() or 1,
         batch_sizes=config.batch_sizes,
-        policies=(user,) if user else ("passive", "active"),
+        policies=(user,) if user else ("passive", "bounded", "active"),
     )
     measured, not_measured, failures = measure(model_path, cands, config, lora_path=lora_path, clock=clock)
     if not measured:
@@ -543,7 +581,7 @@ def _measure_one(request: dict[str, Any], cand: Candidate, deadline: float) -> d
         "candidate": asdict(cand),
         "prefill_tokens_per_s": len(tokens) / max(first - begin, 1e-9),
         "decode_tokens_per_s": (decoded - 1) / max(end - first, 1e-9),
-        "child_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "child_wait_policy": loaded_wait_policy(),
         "child_threads": threads,
     }
 
