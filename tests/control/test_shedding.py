@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -203,10 +202,12 @@ def test_which_paths_are_device_requests() -> None:
 
 def test_install_reads_the_settings_with_defaults_and_the_control_plane_uses_it(file_plane: ControlPlane) -> None:
     app = FastAPI()
-    stats = install_shedding(app, SimpleNamespace(shed_max_in_flight=7, shed_retry_after_s=1))
+    settings = file_plane.settings.model_copy(update={"shed_max_in_flight": 7, "shed_retry_after_s": 1})
+    stats = install_shedding(app, settings)
     assert app.state.shedding is stats
     options = app.user_middleware[0].kwargs
-    assert options["max_in_flight"] == 7 and options["retry_after_s"] == 1 and options["queue_wait_s"] == 0.5
+    assert options["max_in_flight"] == 7 and options["retry_after_s"] == 1
+    assert options["queue_wait_s"] == 0.5 and options["max_queued"] == 256  # the defaults of the rest
 
     control = create_app(plane=file_plane)
     assert any(m.cls is LoadShedder for m in control.user_middleware)
