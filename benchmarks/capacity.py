@@ -275,8 +275,11 @@ def register_tiny_model(registry: Any, models: Path) -> Any:
     return base
 
 
-def provision(home: Path, devices: int) -> tuple[list[tuple[str, str, str]], dict[str, int]]:
-    """A registry with a model, a blueprint for every device and ``devices`` approved devices in ``home``.
+def provision(
+    home: Path, devices: int, database_url: str | None = None, progress: Any = None
+) -> tuple[list[tuple[str, str, str]], dict[str, int]]:
+    """A registry with a model, a blueprint for every device and ``devices`` approved devices in ``home`` (its
+    SQLite database, or the database at ``database_url``). ``progress(text)``, when given, hears how far it is.
 
     Returns (device id, credential, current ETag) per device, and the number of devices per device class.
     """
@@ -293,7 +296,7 @@ def provision(home: Path, devices: int) -> tuple[list[tuple[str, str, str]], dic
     from slmops.core.device_class import device_class
     from slmops.registry.signing import format_public_key
 
-    plane = ControlPlane.open(ServerSettings(home=home, database_url=None))
+    plane = ControlPlane.open(ServerSettings(home=home, database_url=database_url))
     try:
         registry = plane.registry
         register_tiny_model(registry, home.parent / "models")
@@ -331,11 +334,14 @@ def provision(home: Path, devices: int) -> tuple[list[tuple[str, str, str]], dic
             for start in range(0, len(rows), 2000):
                 session.execute(insert(DeviceRow), rows[start : start + 2000])
             session.commit()
+        if progress is not None:
+            progress(f"inserted {devices} devices; computing each one's current desired state ...")
         # Each device's current generation, as its agent would hold it after its last poll.
-        fleet = [
-            (device_id, credential, desired_state_for(plane, device_id).generation)
-            for device_id, credential in credentials
-        ]
+        fleet = []
+        for done, (device_id, credential) in enumerate(credentials, 1):
+            fleet.append((device_id, credential, desired_state_for(plane, device_id).generation))
+            if progress is not None and done % 20_000 == 0:
+                progress(f"  {done} of {devices}")
     finally:
         plane.close()
     return fleet, dict(sorted(classes.items()))

@@ -74,9 +74,10 @@ def markdown(results: dict[str, dict[str, float]], threads: int, idle_s: float, 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     lines += [
         "",
-        "GNU OpenMP (the libgomp llama-cpp-python links here) spins about 3 ms before sleeping when the policy is "
-        "unset, for minutes with `active`, not at all with `passive`; the agent's tuner measures all three and, "
-        "among equals, takes the one that costs an idle device least.",
+        "GNU OpenMP (the libgomp llama-cpp-python links here) documents its waiting threads as spinning 300,000 "
+        "times before they sleep when the policy is unset (`GOMP_SPINCOUNT`), 30 billion times with `active`, and "
+        "not at all with `passive`; the agent's tuner measures all three and, among equals, takes the one that "
+        "costs an idle device least.",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores, load average after: {load}. "
         f"Command: `{command}`",
