@@ -24,7 +24,7 @@ Capacity is the highest achieved rate of a step with p99 < 100 ms and no errors.
 cores with the server; its CPU use is reported per step.
 
 4. wrk (closed loop, so the figure is the server's limit, not a Python generator's): Debian's ``wrk`` with the Lua
-   scripts in ``benchmarks/wrk/`` (``poll.lua``: the 304 poll; ``heartbeat.lua``: the status POST), which read each
+   script ``benchmarks/wrk/fleet.lua`` (``poll``: the 304 poll; ``heartbeat``: the status POST), which reads each
    device's id, credential and ETag from a file and rotate over the fleet. Both servers are up at once; each round
    runs each endpoint on the bare app, then on the control plane; req/s, latency percentiles, server CPU per request
    and the ratio to bare are reported (medians over rounds). ``--wrk-profile`` also records the control plane under
@@ -803,11 +803,11 @@ def markdown(result: CapacityResult) -> str:
 
 # ============================================================================ wrk: closed-loop throughput side by side
 
-WRK_SCRIPTS = REPO / "benchmarks" / "wrk"
-WRK_ENDPOINTS: dict[str, tuple[str, str, str]] = {
-    # endpoint -> (Lua script, what our server answers, what it is)
-    "poll": ("poll.lua", "304", "`GET /api/v1/devices/{id}/desired` with If-None-Match (304)"),
-    "heartbeat": ("heartbeat.lua", "200", "`POST /api/v1/devices/{id}/status` (committed, then 200)"),
+WRK_SCRIPT = REPO / "benchmarks" / "wrk" / "fleet.lua"
+WRK_ENDPOINTS: dict[str, tuple[str, str]] = {
+    # endpoint (the Lua script's mode) -> (what our server answers, what it is)
+    "poll": ("304", "`GET /api/v1/devices/{id}/desired` with If-None-Match (304)"),
+    "heartbeat": ("200", "`POST /api/v1/devices/{id}/status` (committed, then 200)"),
 }
 
 
@@ -873,17 +873,17 @@ def _median(sorted_values: Sequence[float]) -> float:
 
 
 def write_wrk_fleet(fleet: Sequence[Sequence[Any]], path: Path) -> Path:
-    """The fleet as the Lua scripts read it: ``<device id> <credential> <etag>`` per line."""
+    """The fleet as the Lua script reads it: ``<device id> <credential> <etag>`` per line."""
     path.write_text("".join(f"{device_id} {credential} {etag or ''}\n" for device_id, credential, etag in fleet))
     return path
 
 
 def _wrk(
-    wrk: str, url: str, script: Path, fleet_path: Path, prefix: str, duration_s: float, connections: int, threads: int
+    wrk: str, url: str, endpoint: str, fleet_path: Path, prefix: str, duration_s: float, connections: int, threads: int
 ) -> dict[str, Any]:
-    argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", "10s", "-s", str(script)]
+    argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", "10s", "-s", str(WRK_SCRIPT)]
     completed = subprocess.run(
-        [*argv, url, "--", str(fleet_path), prefix],
+        [*argv, url, "--", str(fleet_path), endpoint, prefix],
         capture_output=True,
         text=True,
         check=False,
@@ -964,11 +964,11 @@ def run_wrk(
         if profile:
             _profile_endpoints(wrk, servers["control"], fleet_path, duration_s, connections, threads, work, say)
         for index in range(rounds):
-            for endpoint, (script, expected, _what) in WRK_ENDPOINTS.items():
+            for endpoint, (expected, _what) in WRK_ENDPOINTS.items():
                 for name in ("bare", "control"):
                     url, pid, prefix = servers[name]
                     cpu_before = _cpu_s(pid)
-                    data = _wrk(wrk, url, WRK_SCRIPTS / script, fleet_path, prefix, duration_s, connections, threads)
+                    data = _wrk(wrk, url, endpoint, fleet_path, prefix, duration_s, connections, threads)
                     cpu_s = _cpu_s(pid) - cpu_before
                     want = expected if name == "control" else "200"
                     statuses = {str(k): int(v) for k, v in sorted(data["statuses"].items())}
@@ -1004,7 +1004,7 @@ def run_wrk(
         f"answer arrives, so req/s is what one server process delivers with wrk (C, LuaJIT) as the client; "
         f"{duration_s:g} s per run; per round each endpoint ran on bare, then on the control plane, with both "
         "servers up; figures are medians over rounds, the ratio the median of each round's ratio.",
-        f"Devices rotate round-robin over {len(fleet):,} (the Lua scripts read each device's id, credential and "
+        f"Devices rotate round-robin over {len(fleet):,} (the Lua script reads each device's id, credential and "
         "ETag); the control plane checks the credential and that it is this device's on every request, and "
         "commits every heartbeat before it answers.",
         "Both servers: one uvicorn worker, started the same way ('slmops server' and `uvicorn.run(app)`), so the "
@@ -1043,14 +1043,14 @@ def _profile_endpoints(
     """py-spy (sampling, --nonblocking) on the control plane under wrk, one raw collapsed-stack file per endpoint."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     url, pid, prefix = server
-    for endpoint, (script, _expected, _what) in WRK_ENDPOINTS.items():
+    for endpoint in WRK_ENDPOINTS:
         output = work / f"profile-{endpoint}.txt"
         argv = [py_spy, "record", "--nonblocking", "--idle", "-p", str(pid), "-d", f"{duration_s:g}"]
         spy = subprocess.Popen(
             [*argv, "-f", "raw", "-o", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         time.sleep(0.5)
-        _wrk(wrk, url, WRK_SCRIPTS / script, fleet_path, prefix, duration_s, connections, threads)
+        _wrk(wrk, url, endpoint, fleet_path, prefix, duration_s, connections, threads)
         _out, err = spy.communicate(timeout=duration_s + 30)
         say(f"profile of {endpoint}: {output} ({spy.returncode}) {err.decode()[-300:] if spy.returncode else ''}")
 
@@ -1062,7 +1062,7 @@ def wrk_markdown(result: WrkResult) -> str:
         f"per run, {result.rounds} round(s), one uvicorn worker each):",
         "",
     ]
-    for endpoint, (_script, _expected, what) in WRK_ENDPOINTS.items():
+    for endpoint, (_expected, what) in WRK_ENDPOINTS.items():
         lines.append(
             f"- **{endpoint}** ({what}): control plane {result.median_rps('control', endpoint):.0f} req/s, bare "
             f"{result.median_rps('bare', endpoint):.0f} req/s: **{100 * result.ratio(endpoint):.0f}% of bare**."

@@ -8,7 +8,7 @@ Without ``--model`` the model is gemma3-270m Q4_K_M from the ``gemma3-270m-q4-k-
 
 1. **In-process**: plain llama-cpp-python (``Llama.create_completion``) for every candidate configuration, threads
    1..cores x ``OMP_WAIT_POLICY`` active/passive/bounded (bounded: unset, the OpenMP runtime's default of spinning
-   a few milliseconds, then sleeping), each in its own child process (the policy only counts before the
+   a bounded number of times, then sleeping), each in its own child process (the policy only counts before the
    OpenMP runtime loads, at process start). The best (highest non-streamed median tokens/s) is the reference every
    server is compared with, and its threads and policy are the ones every server runs with.
 2. **Agent**: a real ``slmops server`` process and a real ``slmops agent`` process, enrolled with an enrollment
@@ -502,7 +502,7 @@ def _second_child(spec: dict[str, Any]) -> None:
         started = time.perf_counter()
         return sum(one(p, False)[0] for p in batch), time.perf_counter() - started
 
-    name = f"second runtime ({spec['format']})"
+    name = _second_name(spec["format"])
     common = {k: spec[k] for k in ("prompts", "rounds", "concurrency", "max_tokens")}
     direct = _measure(
         Measured(name + ", in-process", spec["config"]), one, many, **_args(common), cpu=time.process_time
@@ -520,8 +520,12 @@ def _args(common: dict[str, Any]) -> dict[str, Any]:
     return {"prompts": common["prompts"], "rounds": common["rounds"], "concurrency": common["concurrency"]}
 
 
+def _second_name(fmt: str) -> str:
+    return f"second runtime ({'onnx-genai' if fmt == 'onnx' else fmt})"  # the registry's "onnx": ONNX Runtime GenAI
+
+
 def second_runtime(path: Path | None, fmt: str, threads: int, common: dict[str, Any]) -> list[Measured]:
-    name = f"second runtime ({fmt})"
+    name = _second_name(fmt)
     if path is None:
         return [Measured(name, "", skipped="not given (--second-runtime PATH)")]
     try:
@@ -537,7 +541,8 @@ def second_runtime(path: Path | None, fmt: str, threads: int, common: dict[str, 
         if line.startswith("SLMOPS_BENCH_RESULT ")
     ]
     if not results:
-        return [Measured(name, "", skipped=f"failed ({done.returncode}): {done.stderr.strip()[-300:]}")]
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1][-300:]  # the exception, not the traceback
+        return [Measured(name, "", skipped=f"failed ({done.returncode}): {last}")]
     return results
 
 
@@ -604,6 +609,9 @@ def render(
             f"{r['nonstream_tps']:.1%} / {r['stream_tps']:.1%} / {r['ttft_s']:.2f}x | "
             f"{_load(m.load_before)} → {_load(m.load_after)} |"
         )
+    configured = [f"{m.name}: {m.config}" for m in systems if m.skipped is None and m.config]
+    if configured:
+        lines += ["", "How each system ran: " + "; ".join(configured) + "."]
     lines += [
         "",
         f"In-process runs its {args.concurrency} concurrent requests one after another (one llama.cpp context); "
@@ -682,7 +690,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the prompts (quick: 2)")
     parser.add_argument("--second-runtime", type=Path, default=None, help="a model in the second runtime's format")
-    parser.add_argument("--second-runtime-format", default="onnx-genai")
+    parser.add_argument("--second-runtime-format", default="onnx", help="the registry format of PATH (onnx: GenAI)")
     parser.add_argument("--output", type=Path, default=None, help="BENCHMARKS.md to rewrite (default: the repo's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON here")
     parser.add_argument("--child-inprocess", default=None, help=argparse.SUPPRESS)

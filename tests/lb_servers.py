@@ -12,30 +12,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-import httpx
+from tests.servers import HEALTH_PATH, SLMOPS_EXE, free_port, wait_healthy
 
-from tests.servers import SLMOPS_EXE, free_port
-
-HEALTH_PATH = "/api/v1/health"
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
-
-
-def wait_healthy(url: str, timeout_s: float, alive: Callable[[], bool] | None = None, what: str = "server") -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}{HEALTH_PATH}", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert alive is None or alive(), f"{what} exited"
-        assert time.monotonic() < deadline, f"{what} did not answer {HEALTH_PATH} within {timeout_s} s"
-        time.sleep(0.1)
 
 
 class Replica:

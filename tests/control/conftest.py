@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 import slmops.control.db  # noqa: F401  (control tables on Base.metadata)
+from slmops.control.app import create_app
+from slmops.control.credentials import create_api_token
 from slmops.control.plane import ControlPlane
 from slmops.control.settings import ServerSettings
 from slmops.core.manifest import Lineage, ModelFacts, RuntimeHints, SignedManifest, Source
@@ -139,3 +142,20 @@ def register_variants(registry: Registry, tmp_path: Path, name: str = "tiny") ->
 
     base = one("base", 6, 10.0, None, None)
     return Variants(base, one("q8", 3, 11.0, base, "q8_0"), one("q4", 0.8, 13.0, base, "q4_k_m"))
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def api(plane: ControlPlane) -> Iterator[TestClient]:
+    """The control plane's HTTP API on ``plane`` (in-process)."""
+    with TestClient(create_app(plane.settings, plane), base_url="http://control") as client:
+        yield client
+
+
+@pytest.fixture
+def admin(plane: ControlPlane) -> dict[str, str]:
+    """An admin operator's Authorization header."""
+    return bearer(create_api_token(plane, "root", "admin", "test").token)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
-from slmops.control.app import create_app
 from slmops.control.credentials import create_api_token
 from slmops.control.enrollment import trusted_keys
 from slmops.control.plane import ControlPlane
-from tests.control.conftest import Clock, Device, Variants, register_variants
+from tests.control.conftest import Clock, Device, Variants, bearer, register_variants
 
 BLUEPRINT = """
 apiVersion: slmops/v1
@@ -28,21 +27,6 @@ spec:
 
 def blueprint(name: str = "all", priority: int = 0, selector: str = "{}", variant: str = "{}") -> str:
     return BLUEPRINT.format(name=name, priority=priority, selector=selector, variant=variant)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def api(plane: ControlPlane) -> Iterator[TestClient]:
-    with TestClient(create_app(plane.settings, plane), base_url="http://control") as client:
-        yield client
-
-
-@pytest.fixture
-def admin(plane: ControlPlane) -> dict[str, str]:
-    return bearer(create_api_token(plane, "root", "admin", "test").token)
 
 
 @pytest.fixture

@@ -3,33 +3,21 @@ read with a viewer token, references pinned and unpinned with an operator token.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 
-from slmops.control.app import create_app
 from slmops.control.credentials import create_api_token
 from slmops.control.plane import ControlPlane
 from slmops.control.repository import iso
 from slmops.core.wire import TelemetryBatch, TelemetryWindow
-from tests.control.conftest import Clock, Device, GiB
+from tests.control.conftest import Clock, Device, GiB, bearer
 from tests.telemetry.synthetic import STEP_S, T0, Shift, series, step_of
 
 DIGEST = "sha256:" + "a" * 64
 HOURS = 56
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def api(plane: ControlPlane) -> Iterator[TestClient]:
-    with TestClient(create_app(plane.settings, plane), base_url="http://control") as client:
-        yield client
 
 
 @pytest.fixture

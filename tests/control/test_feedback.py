@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +14,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
-from slmops.control.app import create_app
 from slmops.control.credentials import create_api_token
 from slmops.control.feedback_tables import FeedbackSampleRow
 from slmops.control.plane import ControlPlane
 from slmops.registry.datasets import DatasetRegistry
-from tests.control.conftest import Clock, Device, Variants, register_variants
+from tests.control.conftest import Clock, Device, Variants, bearer, register_variants
 
 BLUEPRINT = """
 apiVersion: slmops/v1
@@ -32,21 +31,6 @@ spec:
 {feedback}
 """
 OPT_IN = "  feedback: {mode: opt_in, max_samples_per_day: 5}"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def api(plane: ControlPlane) -> Iterator[TestClient]:
-    with TestClient(create_app(plane.settings, plane), base_url="http://control") as client:
-        yield client
-
-
-@pytest.fixture
-def admin(plane: ControlPlane) -> dict[str, str]:
-    return bearer(create_api_token(plane, "root", "admin", "test").token)
 
 
 @pytest.fixture

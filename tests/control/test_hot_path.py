@@ -5,39 +5,23 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
-from slmops.control.app import create_app
 from slmops.control.auth import hash_secret
-from slmops.control.credentials import authenticate_device, create_api_token
+from slmops.control.credentials import authenticate_device
 from slmops.control.db import DeviceRow
 from slmops.control.devices import record_heartbeat
 from slmops.control.plane import ControlPlane
 from slmops.core.wire import StatusReport
 from slmops.errors import AuthenticationError, PermissionDeniedError
-from tests.control.conftest import Device
+from tests.control.conftest import Device, bearer
 
 HEARTBEAT = {"phase": "serving", "health": "ok", "agent_version": "0.1.0"}
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def api(plane: ControlPlane) -> Iterator[TestClient]:
-    with TestClient(create_app(plane.settings, plane), base_url="http://control") as client:
-        yield client
-
-
-@pytest.fixture
-def admin(plane: ControlPlane) -> dict[str, str]:
-    return bearer(create_api_token(plane, "root", "admin", "test").token)
 
 
 @pytest.fixture

@@ -12,13 +12,9 @@ from starlette.testclient import TestClient
 from slmops.control.app import create_app
 from slmops.control.credentials import create_api_token
 from slmops.control.plane import ControlPlane
-from tests.control.conftest import Device
+from tests.control.conftest import Device, bearer
 
 SCRAPE = "scrape-secret-123"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
@@ -26,11 +22,6 @@ def api(plane: ControlPlane) -> Iterator[TestClient]:
     settings = plane.settings.model_copy(update={"metrics_token": SCRAPE, "metrics_cache_s": 0.0})
     with TestClient(create_app(settings, plane), base_url="http://control") as client:
         yield client
-
-
-@pytest.fixture
-def admin(plane: ControlPlane) -> dict[str, str]:
-    return bearer(create_api_token(plane, "root", "admin", "test").token)
 
 
 def enroll(api: TestClient, admin: dict[str, str], device: Device) -> tuple[str, dict[str, str]]:

@@ -24,7 +24,7 @@ from slmops.core.manifest import SignedManifest
 from slmops.core.rollout import GateSpec, RolloutPolicy
 from slmops.core.wire import StatusReport, TelemetryBatch, TelemetryWindow
 from slmops.telemetry.aggregate import histogram_from_ms
-from tests.control.conftest import Device, register_variants
+from tests.control.conftest import Device, bearer, register_variants
 
 SCRAPE = "scrape-secret-123"
 BLUEPRINT = """
@@ -74,10 +74,6 @@ DOCUMENTED: dict[str, tuple[str, set[str]]] = {
     "slmops_fleet_time_to_first_token_seconds": ("histogram", {"version", "device_class"}),
     "slmops_fleet_time_per_output_token_seconds": ("histogram", {"version", "device_class"}),
 }
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def families(api: TestClient, headers: dict[str, str] | None = None) -> dict[str, Metric]:

@@ -14,7 +14,7 @@ from slmops.control.app import create_app
 from slmops.control.credentials import create_api_token
 from slmops.control.plane import ControlPlane
 from tests.agent.simulator import SimServer
-from tests.control.conftest import Device, Variants, register_variants
+from tests.control.conftest import Device, Variants, bearer, register_variants
 
 BLUEPRINT = """
 apiVersion: slmops/v1
@@ -37,10 +37,6 @@ def serving(plane: ControlPlane) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 class Api:

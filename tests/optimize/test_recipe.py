@@ -22,6 +22,14 @@ def test_the_default_recipe_parses() -> None:
     assert recipe.variants[3].passes[1].params["type"] == "Q4_K_M"
 
 
+def test_every_shipped_recipe_loads_and_the_second_runtime_one_ends_in_onnx_genai() -> None:
+    shipped = {p.name: p for p in (Path(__file__).parents[2] / "recipes").glob("*.yaml")}
+    recipes = {name: load_recipe(path) for name, path in shipped.items()}  # every pass and parameter checked
+
+    onnx = {v.name: [step.pass_name for step in v.passes] for v in recipes["onnx-genai.yaml"].variants}
+    assert onnx == {"q4_0": ["dequantize", "quantize"], "ortgenai-int4": ["hf_from_gguf", "export_onnx_genai"]}
+
+
 def test_both_step_spellings_are_accepted(tmp_path: Path) -> None:
     recipe = load_recipe(
         _write(

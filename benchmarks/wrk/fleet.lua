@@ -1,10 +1,12 @@
--- The heartbeat: POST {prefix}/{id}/status with each device's credential and a minimal StatusReport (no
--- events), devices taken round-robin; the server commits each report before it answers 200.
+-- A quiet fleet's device requests, devices taken round-robin, each with its own credential:
+--   poll       GET {prefix}/{id}/desired with the device's current ETag in If-None-Match (a 304 when nothing
+--              changed);
+--   heartbeat  POST {prefix}/{id}/status with a minimal StatusReport (no events); the server commits each report
+--              before it answers 200.
 --
---   wrk -t1 -c16 -d10s -s benchmarks/wrk/heartbeat.lua http://127.0.0.1:8080 -- FLEET_FILE [PREFIX]
+--   wrk -t1 -c16 -d10s -s benchmarks/wrk/fleet.lua http://127.0.0.1:8080 -- FLEET_FILE poll|heartbeat [PREFIX]
 --
--- FLEET_FILE has one device a line: "<device id> <credential> <etag>" (benchmarks/capacity.py writes it; the etag
--- is not used here).
+-- FLEET_FILE has one device a line: "<device id> <credential> <etag>" (benchmarks/capacity.py writes it).
 -- PREFIX defaults to /api/v1/devices (the bare FastAPI baseline uses /bare). done() prints one line
 -- "wrk-json {...}" with the request count, duration, socket errors, statuses and latency percentiles.
 
@@ -22,12 +24,19 @@ end
 local body = '{"phase": "serving", "health": "ok", "agent_version": "wrk-bench", "events": []}'
 
 function init(args)
-   local fleet, prefix = args[1], args[2] or "/api/v1/devices"
+   local fleet, endpoint, prefix = args[1], args[2], args[3] or "/api/v1/devices"
+   assert(endpoint == "poll" or endpoint == "heartbeat", "the second argument is poll or heartbeat")
    for line in io.lines(fleet) do
       local id, credential, etag = line:match("^(%S+) (%S+) ?(%S*)$")
       if id then
-         local headers = { ["Authorization"] = "Bearer " .. credential, ["Content-Type"] = "application/json" }
-         requests[#requests + 1] = wrk.format("POST", prefix .. "/" .. id .. "/status", headers, body)
+         local headers = { ["Authorization"] = "Bearer " .. credential }
+         if endpoint == "poll" then
+            if etag ~= "" then headers["If-None-Match"] = '"' .. etag .. '"' end
+            requests[#requests + 1] = wrk.format("GET", prefix .. "/" .. id .. "/desired", headers)
+         else
+            headers["Content-Type"] = "application/json"
+            requests[#requests + 1] = wrk.format("POST", prefix .. "/" .. id .. "/status", headers, body)
+         end
       end
    end
    assert(#requests > 0, "no devices in " .. fleet)
