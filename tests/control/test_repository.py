@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -16,7 +19,7 @@ from slmops.control.db import ApiTokenRow, BlueprintRow, DeviceRow, EnrollmentTo
 from slmops.control.devices import approve_device, device_events, get_device, list_devices, report_status, revoke_device
 from slmops.control.enrollment import create_enrollment_token, enroll_device, list_enrollment_tokens
 from slmops.control.plane import ControlPlane
-from slmops.control.repository import ControlRepository
+from slmops.control.repository import ControlRepository, iso, parse_iso
 from slmops.core.wire import DeviceEvent, StatusReport
 from slmops.errors import ConflictError, PermissionDeniedError
 from slmops.registry.db import Base
@@ -274,3 +277,14 @@ def test_the_last_active_admin_token_is_never_revoked(engine: Engine) -> None:
 
     assert results == [True, False, True]
     assert states == {"a": True, "b": False, "c": True, "v": True}
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 2), timezones=st.just(UTC)))
+def test_a_moment_as_text_reads_back_and_sorts_as_the_moments_do(moment: datetime) -> None:
+    # Found by the schemathesis run: glibc's strftime wrote the year 181 as "181", which neither parsed back nor
+    # sorted before "2026", so a drift reference pinned at such a date failed with a 500.
+    text = iso(moment)
+    assert parse_iso(text) == moment.replace(microsecond=0)
+    assert len(text) == 20
+    pivot = datetime(2026, 1, 1, tzinfo=UTC)
+    assert (text < iso(pivot)) == (moment.replace(microsecond=0) < pivot)

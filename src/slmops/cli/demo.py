@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
@@ -169,6 +170,8 @@ def demo(
                 _stay_up(step)
     finally:
         step.stop_all()
+    if not keep:
+        _second_runtime(step, central)
     console.rule("[bold green]demo finished")
     console.print(f"everything is in {workdir} (central/, site/, agents/ and the logs)")
 
@@ -202,6 +205,38 @@ def _optimize(step: _Demo, central: Path) -> None:
             profile,
             "--max-memory-fraction",
             "0.25",
+        )
+
+
+def _second_runtime(step: _Demo, central: Path) -> None:
+    """The same model for ONNX Runtime GenAI beside the GGUF variants; the chooser per runtime set. Last, with the
+    fleet stopped: a new variant in the lineage would otherwise be a candidate for the demo's devices."""
+    recipe = Path("recipes/onnx-genai.yaml")
+    if not recipe.is_file():
+        console.print("[yellow]recipes/onnx-genai.yaml is not here; run the demo from the source checkout[/]")
+        return
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        console.print("[yellow]the second runtime needs the onnx extra (pip install 'slmops[onnx]'); skipped[/]")
+        return
+    console.rule("[bold]a second runtime: ONNX Runtime GenAI")
+    console.print(recipe.read_text(), highlight=False)
+    step.run("export to ONNX Runtime GenAI int4, evaluate it like the GGUF variants", central, "optimize", str(recipe))
+    step.run("every variant, both runtimes, in one report", central, "optimize", "report", "gemma3-270m")
+    for runtimes in ("llama.cpp", "llama.cpp,onnxruntime-genai"):
+        step.run(
+            f"the fastest variant within 15% of the best perplexity for a device with {runtimes}",
+            central,
+            "model",
+            "select",
+            "gemma3-270m",
+            "--device-class",
+            "pi5-8gb",
+            "--objective",
+            "fastest_within",
+            "--max-ppl-increase-pct",
+            "15",
+            "--runtimes",
+            runtimes,
         )
 
 

@@ -20,6 +20,7 @@ from slmops.control.db import (
     ReleaseRow,
 )
 from slmops.registry.db import VersionRow
+from slmops.telemetry.aggregate import rfc3339
 
 __all__ = ["UNVERSIONED", "ControlRepository", "iso", "parse_iso", "version_labels", "version_names"]
 
@@ -27,8 +28,8 @@ UNVERSIONED = "(no version)"  # how a window without a version digest is shown
 
 
 def iso(moment: datetime) -> str:
-    """RFC 3339 UTC with second precision; sorts as text."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """RFC 3339 UTC with second precision; sorts as text and :func:`parse_iso` reads it back."""
+    return rfc3339(moment)
 
 
 def parse_iso(text: str) -> datetime:

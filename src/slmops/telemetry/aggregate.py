@@ -30,6 +30,7 @@ __all__ = [
     "histogram_samples",
     "merge_histograms",
     "merge_windows",
+    "rfc3339",
     "rollup",
     "window_id",
     "windows_from_stats",
@@ -101,8 +102,11 @@ def window_id(device_key: str, version_digest: str | None, window_start: str) ->
     return "tw-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def rfc3339(moment: datetime) -> str:
+    """RFC 3339 UTC with second precision (``YYYY-MM-DDTHH:MM:SSZ``), the year always four digits, so the text
+    sorts as the moments do and parses back (glibc's ``%Y`` writes the year 181 as ``181``)."""
+    m = moment.astimezone(UTC)
+    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}Z"
 
 
 def build_window(
@@ -145,7 +149,7 @@ def build_window(
     return TelemetryWindow(
         id=id,
         version_digest=version_digest,
-        window_start=_rfc3339(window_start),
+        window_start=rfc3339(window_start),
         window_s=window_s,
         requests=requests,
         errors=errors,
