@@ -206,13 +206,6 @@ def _run_generators(
 # ============================================================================ the benchmark
 
 
-def _schema_url(base_url: str, schema: str) -> str:
-    from urllib.parse import quote
-
-    separator = "&" if "?" in base_url else "?"
-    return f"{base_url}{separator}options={quote(f'-csearch_path={schema}')}"
-
-
 def run_scale(
     database_url: str,
     devices: int = 100_000,
@@ -233,6 +226,7 @@ def run_scale(
     import secrets
 
     from sqlalchemy import create_engine, text
+    from tests.conftest import postgres_schema_url
     from tests.lb_servers import Replica, running_haproxy
 
     def say(message: str) -> None:
@@ -246,7 +240,7 @@ def run_scale(
     admin = create_engine(database_url)
     with admin.begin() as connection:
         connection.execute(text(f"CREATE SCHEMA {schema}"))
-    url = _schema_url(database_url, schema)
+    url = postgres_schema_url(database_url, schema)
     try:
         with tempfile.TemporaryDirectory(prefix="slmops-scale-") as scratch, ExitStack() as stack:
             work = Path(workdir) if workdir is not None else Path(scratch)
